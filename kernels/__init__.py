@@ -1,0 +1,1 @@
+"""Fused Triton kernels for nasfast (installed as nasfast.kernels)."""

@@ -1,0 +1,93 @@
+"""Eager PyTorch references for every fused op.
+
+This file is the single definition of "correct" and of the "eager baseline": the supernet's eager
+backend calls these functions, the Triton kernels (GPU) and the C++ ops (CPU) must match them, and
+tests/benchmarks import them. Shapes: B batch, T sequence length, H hidden size, h heads, dh = H/h.
+Padding masks are ``token_mask`` [B, T] bool, True where there is a real token.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """FFN inner activation: exact (erf) GELU of ``x + bias``. x [..., D], bias [D]."""
+    return F.gelu(x + bias)
+
+
+def add_dropout_layernorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    dropout_p: float,
+    training: bool,
+    eps: float = 1e-12,
+    keep_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Post-LN sub-layer tail: ``LayerNorm(residual + dropout(x))`` over the last dim H.
+
+    ``keep_mask`` (bool, shape of x) fixes the dropout pattern; without it torch's RNG draws one.
+    """
+    if training and dropout_p > 0.0:
+        if keep_mask is None:
+            keep_mask = torch.rand_like(x, dtype=torch.float32) >= dropout_p
+        x = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    return F.layer_norm(residual + x, (x.shape[-1],), weight, bias, eps)
+
+
+def dwconv_bias_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Depthwise convolution along the sequence + bias + GELU (separable-conv candidate, first half).
+
+    x [B, T, H]; weight [H, k] with k odd; bias [H]; zero padding of k // 2 on both ends ("same").
+    Pad positions are zeroed in the input so no information flows out of them:
+    ``y[b, t, c] = gelu(bias[c] + sum_j weight[c, j] * (x * m)[b, t + j - k // 2, c])``.
+    """
+    if token_mask is not None:
+        x = x * token_mask.unsqueeze(-1).to(x.dtype)
+    k = weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k // 2, groups=x.shape[-1])
+    return F.gelu(y.transpose(1, 2))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Softmax attention with a key-padding mask. q, k, v [B, h, T, dh] -> [B, h, T, dh].
+
+    Masked keys get exactly zero probability. A row whose keys are all padding outputs zeros
+    (probabilities are multiplied by the mask after the softmax, which keeps gradients finite).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if token_mask is None:
+        return torch.matmul(scores.softmax(-1), v)
+    key_mask = token_mask[:, None, None, :]
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1) * key_mask.to(scores.dtype)
+    return torch.matmul(probs, v)
+
+
+def alignment_loss(
+    child_hiddens: Sequence[torch.Tensor],
+    anchor_hiddens: Sequence[torch.Tensor],
+    token_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MAGIC-A alignment: ``sum_l mean((h_l - a_l)^2)``, the mean over real tokens and H.
+
+    Each h_l, a_l is [B, T, H]; anchors are treated as constants (detached).
+    """
+    total = child_hiddens[0].new_zeros((), dtype=torch.float32)
+    for h, a in zip(child_hiddens, anchor_hiddens):
+        diff = (h - a.detach()).float() ** 2
+        if token_mask is None:
+            total = total + diff.mean()
+        else:
+            m = token_mask.unsqueeze(-1).to(diff.dtype)
+            total = total + (diff * m).sum() / (m.sum() * h.shape[-1]).clamp_min(1.0)
+    return total

@@ -1,0 +1,94 @@
+"""Command line: ``nasfast <command> ...``. Bad input exits with status 2 and one clear line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import UserError
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(name: str):
+    def register(fn: Callable) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+
+
+@command("pretrain")
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    out = Path(args.out)
+    overrides = list(args.set or [])
+    if args.sampler:
+        overrides.append(f"sampler.name={args.sampler}")
+    if args.resume:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} not found")
+        cfg = load_config(saved, overrides)
+    else:
+        if not args.config:
+            raise UserError("pretrain needs --config (or --resume with an existing --out)")
+        cfg = load_config(args.config, overrides)
+    _quiet_libraries()
+    trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    summary = trainer.train()
+    print(f"{summary['status']} at step {summary['step']}/{summary['steps']} in {summary['wall_time_s']:.1f} s "
+          f"({summary['tokens_per_s']:.0f} tokens/s) -> {out}")
+    base = summary["unigram_entropy"]
+    for name, r in summary["dev"].items():
+        print(f"  dev {name:<9} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
+    if summary["status"].startswith("interrupted"):
+        return 130 if "SIGINT" in summary["status"] else 143
+    return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nasfast", description="Weight-sharing NAS supernets over a BERT search space (SPOS, MAGIC-T, MAGIC-A)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="train a supernet with masked-LM", description="Train a supernet with masked-LM.")
+    p.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, summary.json, tokenizer)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--sampler", help="shortcut for --set sampler.name=...")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps of this invocation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"nasfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Run configuration: a tree of small dataclasses loaded from YAML, overridable with --set.
+
+Validated once at start-up; every problem raises UserError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    max_len: int = 128  # position embeddings
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+
+
+@dataclass
+class SpaceConfig:
+    layers: int = 6
+    candidates: list = field(
+        default_factory=lambda: ["mha:2", "mha:4", "mha:8", "ffn:256", "ffn:512", "conv:3", "conv:5", "conv:7", "identity"]
+    )
+
+
+@dataclass
+class DataConfig:
+    corpus: list = field(default_factory=lambda: ["default"])  # "default" = embedded corpus, or files/dirs
+    max_chars_per_file: Optional[int] = None  # cap text read per file (None: all)
+    vocab_size: int = 8192
+    lowercase: bool = True
+    block_size: int = 128
+    mlm_probability: float = 0.15
+    dev_blocks: int = 256
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio at the last step
+    clip_norm: float = 1.0
+    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    eval_random_children: int = 3
+    ckpt_every: int = 100
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "spos"  # spos | magic-t | magic-a | magic
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "eager"  # auto | eager | triton | native
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against a field's annotation (int, float, bool, str, list, Optional[...])."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if annotation in (int, "int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation in (float, "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation in (str, "str"):
+        if not isinstance(value, str):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if annotation in (list, "list"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return value
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise UserError(f"unknown config section '{section}' (allowed: {', '.join(sections)})")
+    obj = getattr(cfg, section)
+    types = _section_types(type(obj))
+    if key not in types:
+        raise UserError(f"unknown config key '{section}.{key}' (allowed: {', '.join(types)})")
+    setattr(obj, key, _coerce(f"{section}.{key}", value, types[key]))
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- ``--set section.key=value`` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise UserError(f"config {path} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config {path} must be a mapping of sections")
+        for section, values in raw.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise UserError(f"config section '{section}' must be a mapping, got {values!r}")
+            for key, value in values.items():
+                _apply(cfg, section, key, value)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"--set expects section.key=value, got '{item}'")
+        section, _, name = key.strip().partition(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _apply(cfg, section, name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(msg)
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    need(m.hidden > 0, f"model.hidden must be positive, got {m.hidden}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(m.max_len >= d.block_size, f"model.max_len ({m.max_len}) must be >= data.block_size ({d.block_size})")
+    need(d.block_size >= 8, f"data.block_size must be >= 8, got {d.block_size}")
+    need(0.0 < d.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
+    need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
+    need(d.dev_blocks >= 1, f"data.dev_blocks must be >= 1, got {d.dev_blocks}")
+    need(d.max_chars_per_file is None or d.max_chars_per_file > 0, "data.max_chars_per_file must be positive or null")
+    need(len(d.corpus) > 0, "data.corpus is empty")
+    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
+    need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps must be in [0, train.steps], got {t.warmup_steps}")
+    need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 disables), got {t.clip_norm}")
+    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
+    for k in ("log_every", "eval_every", "ckpt_every", "eval_batches"):
+        need(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
+    need(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
+    from .backend import BACKENDS
+    from .samplers import SAMPLERS
+
+    need(cfg.kernels.backend in BACKENDS, f"kernels.backend must be one of {', '.join(BACKENDS)}, got '{cfg.kernels.backend}'")
+    need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
+    build_space(cfg)  # candidate names, head divisibility
+
+
+def build_space(cfg: Config):
+    from .space import SearchSpace
+
+    return SearchSpace.from_names(cfg.space.layers, cfg.space.candidates, cfg.model.hidden)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,194 @@
+"""Pretraining data, fully offline: text files -> local WordPiece tokenizer -> fixed-length blocks.
+
+- Corpus: ``default`` is the embedded corpus (``nasfast/corpus``, see its SOURCES.md), or any local
+  ``.txt`` / ``.txt.gz`` files or folders of them.
+- Tokenizer: WordPiece trained here with ``tokenizers``, saved in the run folder as a transformers
+  ``PreTrainedTokenizerFast``.
+- Blocks: ``datasets`` tokenizes and groups text into [CLS] + (block_size - 2) tokens + [SEP].
+- Split: a fixed dev set (seeded independently of the training seed, so every run sees the same dev).
+- Batches: the training batch of step s is a pure function of (seed, s): resume needs no iterator state.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEV_SPLIT_SEED = 20220717  # fixed: the dev set does not depend on the training seed
+DEV_MASK_SEED = 4242
+
+
+def corpus_files(entries: list) -> list[Path]:
+    files: list[Path] = []
+    for entry in entries:
+        if entry == "default":
+            root = resources.files("nasfast") / "corpus"
+            files += sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".txt.gz"))
+            continue
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.name.endswith((".txt", ".txt.gz")))
+            if not found:
+                raise UserError(f"corpus folder {path} has no .txt or .txt.gz files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"corpus path not found: {path}")
+    return files
+
+
+def read_lines(files: list[Path], max_chars_per_file: Optional[int]) -> list[str]:
+    lines: list[str] = []
+    for path in files:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        budget = max_chars_per_file if max_chars_per_file is not None else math.inf
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line:
+                        lines.append(line)
+                        budget -= len(line)
+                        if budget <= 0:
+                            break
+        except (OSError, EOFError) as exc:
+            raise UserError(f"cannot read corpus file {path}: {exc}") from None
+    if not lines:
+        raise UserError(f"the corpus is empty (files: {', '.join(str(f) for f in files)})")
+    return lines
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool):
+    """Train a BERT-style WordPiece tokenizer locally and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+
+
+def load_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def make_blocks(lines: list[str], tokenizer, block_size: int) -> np.ndarray:
+    """Tokenize with ``datasets`` and group into [CLS] + body + [SEP] blocks (run_mlm's group_texts)."""
+    from datasets import Dataset
+
+    body = block_size - 2
+    ds = Dataset.from_dict({"text": lines})
+    ds = ds.map(
+        lambda b: {"input_ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]},
+        batched=True, remove_columns=["text"], keep_in_memory=True,
+    )
+
+    def group(batch):
+        ids = [t for seq in batch["input_ids"] for t in seq]
+        n = len(ids) // body * body
+        return {"block": [[tokenizer.cls_token_id] + ids[i : i + body] + [tokenizer.sep_token_id] for i in range(0, n, body)]}
+
+    ds = ds.map(group, batched=True, batch_size=2000, remove_columns=["input_ids"], keep_in_memory=True)
+    if len(ds) == 0:
+        raise UserError(f"the corpus is too small for one block of {block_size} tokens")
+    return np.asarray(ds.with_format("numpy")["block"], dtype=np.int32)
+
+
+@dataclass
+class Corpus:
+    """Tokenized blocks split into train and dev, plus what the collator needs."""
+
+    tokenizer: object
+    train_blocks: np.ndarray  # [N, block_size] int32
+    dev_blocks: np.ndarray
+    mlm_probability: float
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def collator(self):
+        from transformers import DataCollatorForLanguageModeling
+
+        # No seed: the collator draws from torch's global RNG, which the trainer seeds per (seed, step).
+        return DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=self.mlm_probability)
+
+    def collate(self, blocks: np.ndarray) -> dict:
+        batch = self.collator()([{"input_ids": b} for b in torch.from_numpy(blocks.astype(np.int64))])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    def train_batch_indices(self, seed: int, micro_step: int, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Indices of train blocks for one micro-batch; epoch permutations depend only on (seed, epoch)."""
+        n = len(self.train_blocks)
+        start = (micro_step * world + rank) * batch_size
+        idx = np.arange(start, start + batch_size)
+        out = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(idx // n):
+            perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+            sel = idx // n == epoch
+            out[sel] = perm[idx[sel] % n]
+        return out
+
+    def dev_batches(self, batch_size: int, num_batches: int) -> list[dict]:
+        """Fixed, pre-masked dev batches: the same positions are masked for every child and run."""
+        state = torch.random.get_rng_state()
+        torch.manual_seed(DEV_MASK_SEED)
+        try:
+            blocks = self.dev_blocks[: batch_size * num_batches]
+            return [self.collate(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
+        finally:
+            torch.random.set_rng_state(state)
+
+    def unigram_entropy(self, dev: list[dict]) -> float:
+        """Cross-entropy (nats) of the dev masked tokens under the train unigram distribution (add-one)."""
+        counts = np.bincount(self.train_blocks.ravel(), minlength=self.vocab_size).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        targets = torch.cat([b["labels"][b["labels"] != -100] for b in dev]).numpy()
+        return float(-logp[targets].mean())
+
+
+def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None) -> Corpus:
+    """Build (or reload from ``run_dir``) the tokenizer and blocks for a run."""
+    tok_dir = run_dir / "tokenizer" if run_dir else None
+    cache = run_dir / "blocks.npz" if run_dir else None
+    if tok_dir is not None and cache is not None and tok_dir.is_dir() and cache.is_file():
+        tokenizer = load_tokenizer(tok_dir)
+        saved = np.load(cache)
+        return Corpus(tokenizer, saved["train"], saved["dev"], cfg.mlm_probability)
+    lines = read_lines(corpus_files(cfg.corpus), cfg.max_chars_per_file)
+    tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.lowercase)
+    blocks = make_blocks(lines, tokenizer, cfg.block_size)
+    if len(blocks) <= cfg.dev_blocks:
+        raise UserError(f"the corpus gives {len(blocks)} blocks, not more than data.dev_blocks={cfg.dev_blocks}")
+    perm = np.random.default_rng(DEV_SPLIT_SEED).permutation(len(blocks))
+    dev, train = blocks[perm[: cfg.dev_blocks]], blocks[np.sort(perm[cfg.dev_blocks :])]
+    if tok_dir is not None and cache is not None:
+        tokenizer.save_pretrained(str(tok_dir))
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, train=train, dev=dev)
+        tmp.replace(cache)
+    return Corpus(tokenizer, train, dev, cfg.mlm_probability)
