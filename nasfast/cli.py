@@ -61,6 +61,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
+@command("space")
+def cmd_space(args: argparse.Namespace) -> int:
+    from .config import build_space, load_config
+    from .supernet import child_forward_flops, child_num_params
+
+    cfg = load_config(args.config, args.set)
+    space = build_space(cfg)
+    vocab, T = cfg.data.vocab_size, cfg.data.block_size
+    archs = [space.parse(a) for a in args.arch] if args.arch else [space.smallest(), space.largest()]
+    print(f"{space.num_layers} layers x {len(space.candidates)} candidates ({', '.join(space.names)}): {space.size:.3e} children")
+    for arch in archs:
+        print(f"{space.arch_id(arch)}  params={child_num_params(space, arch, vocab, cfg.model.max_len):,}  "
+              f"flops/seq(T={T})={child_forward_flops(space, arch, vocab, T):,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nasfast", description="Weight-sharing NAS supernets over a BERT search space (SPOS, MAGIC-T, MAGIC-A)."
@@ -74,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("space", help="describe the search space; params and FLOPs of architectures",
+                       description="Describe a config's search space and the exact cost of architectures.")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--arch", action="append", help="architecture string, e.g. 'mha:4|ffn:512|...' (repeatable)")
     return parser
 
 

@@ -41,6 +41,7 @@ class DataConfig:
     block_size: int = 128
     mlm_probability: float = 0.15
     dev_blocks: int = 256
+    cache_dir: Optional[str] = None  # tokenized-corpus cache (default $NASFAST_CACHE or ~/.cache/nasfast)
 
 
 @dataclass

@@ -11,8 +11,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
@@ -171,24 +176,57 @@ class Corpus:
         return float(-logp[targets].mean())
 
 
+def _data_key(cfg: DataConfig, files: list[Path]) -> str:
+    """Content key of a tokenized corpus: the data settings and each file's name, size and mtime."""
+    stamp = [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("mlm_probability", "cache_dir")}
+    return hashlib.sha256(json.dumps([fields, stamp], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save(folder: Path, tokenizer, train: np.ndarray, dev: np.ndarray) -> None:
+    """Write tokenizer + blocks into a temp folder, then rename it into place (atomic)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    np.savez(tmp / "blocks.npz", train=train, dev=dev)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; its copy is identical in purpose
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(folder: Path, mlm_probability: float) -> Corpus:
+    saved = np.load(folder / "blocks.npz")
+    return Corpus(load_tokenizer(folder / "tokenizer"), saved["train"], saved["dev"], mlm_probability)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NASFAST_CACHE", Path.home() / ".cache" / "nasfast"))
+
+
 def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None) -> Corpus:
-    """Build (or reload from ``run_dir``) the tokenizer and blocks for a run."""
-    tok_dir = run_dir / "tokenizer" if run_dir else None
-    cache = run_dir / "blocks.npz" if run_dir else None
-    if tok_dir is not None and cache is not None and tok_dir.is_dir() and cache.is_file():
-        tokenizer = load_tokenizer(tok_dir)
-        saved = np.load(cache)
-        return Corpus(tokenizer, saved["train"], saved["dev"], cfg.mlm_probability)
-    lines = read_lines(corpus_files(cfg.corpus), cfg.max_chars_per_file)
-    tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.lowercase)
-    blocks = make_blocks(lines, tokenizer, cfg.block_size)
-    if len(blocks) <= cfg.dev_blocks:
-        raise UserError(f"the corpus gives {len(blocks)} blocks, not more than data.dev_blocks={cfg.dev_blocks}")
-    perm = np.random.default_rng(DEV_SPLIT_SEED).permutation(len(blocks))
-    dev, train = blocks[perm[: cfg.dev_blocks]], blocks[np.sort(perm[cfg.dev_blocks :])]
-    if tok_dir is not None and cache is not None:
-        tokenizer.save_pretrained(str(tok_dir))
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, train=train, dev=dev)
-        tmp.replace(cache)
-    return Corpus(tokenizer, train, dev, cfg.mlm_probability)
+    """Tokenizer and blocks for a run: from the run folder, else from the data cache, else built.
+
+    WordPiece training in ``tokenizers`` breaks ties in hash-map order, so two trainings on the same
+    text can give different vocabularies. Caching the result by content key makes every run with the
+    same data settings on a machine use the same tokenizer (reproducible runs, comparable children)
+    and skips the rebuild; the run folder keeps its own copy so a run never depends on the cache.
+    """
+    data_dir = run_dir / "data" if run_dir else None
+    if data_dir is not None and (data_dir / "blocks.npz").is_file():
+        return _load(data_dir, cfg.mlm_probability)
+    files = corpus_files(cfg.corpus)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cached = cache / "corpus" / _data_key(cfg, files)
+    if not (cached / "blocks.npz").is_file():
+        lines = read_lines(files, cfg.max_chars_per_file)
+        tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.lowercase)
+        blocks = make_blocks(lines, tokenizer, cfg.block_size)
+        if len(blocks) <= cfg.dev_blocks:
+            raise UserError(f"the corpus gives {len(blocks)} blocks, not more than data.dev_blocks={cfg.dev_blocks}")
+        perm = np.random.default_rng(DEV_SPLIT_SEED).permutation(len(blocks))
+        dev, train = blocks[perm[: cfg.dev_blocks]], blocks[np.sort(perm[cfg.dev_blocks :])]
+        _save(cached, tokenizer, train, dev)
+    if data_dir is not None:
+        shutil.copytree(cached, data_dir, dirs_exist_ok=True)
+    return _load(cached, cfg.mlm_probability)

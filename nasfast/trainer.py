@@ -124,7 +124,7 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in self.corpus.collate(self.corpus.train_blocks[idx]).items()}
             loss, extras = self.forward_loss(arch, batch)
             self.backward(loss / t.grad_accum)
-            total_loss += float(loss) / t.grad_accum
+            total_loss += float(loss.detach()) / t.grad_accum
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.optimizer_step(arch)
         return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "child": self.space.arch_id(arch), **extras}
