@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# Without a GPU, Triton kernels run through the interpreter, which must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
