@@ -67,6 +67,12 @@ class TrainConfig:
 @dataclass
 class SamplerConfig:
     name: str = "spos"  # spos | magic-t | magic-a | magic
+    k: int = 1  # MAGIC-T: layers changed per step (1 = the paper's; layers ~ SPOS)
+    align_weight: float = 0.1  # MAGIC-A: λ of the alignment term
+    anchor_every: int = 20  # MAGIC-A: steps between anchor challenges
+    anchor_init: str = "largest"  # MAGIC-A: largest | random | an arch string
+    anchor_dev_batches: int = 1  # MAGIC-A: dev batches that score a challenger
+    prefix_sharing: bool = True  # MAGIC-A: share the child/anchor common prefix (exact)
 
 
 @dataclass
@@ -203,7 +209,15 @@ def validate(cfg: Config) -> None:
 
     need(cfg.kernels.backend in BACKENDS, f"kernels.backend must be one of {', '.join(BACKENDS)}, got '{cfg.kernels.backend}'")
     need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
-    build_space(cfg)  # candidate names, head divisibility
+    space = build_space(cfg)  # candidate names, head divisibility
+    sc = cfg.sampler
+    need(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
+    need(sc.align_weight >= 0, f"sampler.align_weight must be >= 0, got {sc.align_weight}")
+    need(sc.anchor_every > 0, f"sampler.anchor_every must be positive, got {sc.anchor_every}")
+    need(1 <= sc.anchor_dev_batches <= t.eval_batches,
+         f"sampler.anchor_dev_batches must be in [1, train.eval_batches={t.eval_batches}], got {sc.anchor_dev_batches}")
+    if sc.anchor_init not in ("largest", "random"):
+        space.parse(sc.anchor_init)  # raises UserError naming the problem
 
 
 def build_space(cfg: Config):

@@ -132,6 +132,11 @@ def _init_weights(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.depthwise_weight, std=m.depthwise_weight.shape[1] ** -0.5)
 
 
+def _reseed(layer_seed: Optional[int], layer: int) -> None:
+    if layer_seed is not None:
+        torch.manual_seed((layer_seed * 1_000_003 + layer + 1) % (2**63))
+
+
 class _MaskedLM(nn.Module):
     """Shared body of the supernet and static models: embeddings, head, MLM loss at masked positions."""
 
@@ -174,12 +179,26 @@ class Supernet(_MaskedLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
 
+    def embed(self, input_ids: torch.Tensor, layer_seed: Optional[int] = None) -> torch.Tensor:
+        _reseed(layer_seed, -1)
+        return self.embeddings(input_ids)
+
     def run_layers(
-        self, x: torch.Tensor, token_mask: Optional[torch.Tensor], arch: Sequence[int], start: int = 0
+        self,
+        x: torch.Tensor,
+        token_mask: Optional[torch.Tensor],
+        arch: Sequence[int],
+        start: int = 0,
+        layer_seed: Optional[int] = None,
     ) -> list:
-        """Run layers ``start..L-1`` of ``arch`` on ``x`` (the output of layer start-1); returns their outputs."""
+        """Run layers ``start..L-1`` of ``arch`` on ``x`` (the output of layer start-1); returns their outputs.
+
+        With ``layer_seed``, layer l draws its dropout from a seed derived from (layer_seed, l), so two
+        children that share a prefix of layers compute bitwise-identical hidden states on it.
+        """
         outputs = []
         for layer in range(start, len(arch)):
+            _reseed(layer_seed, layer)
             x = self.layers[layer][arch[layer]](x, token_mask, self.ops)
             outputs.append(x)
         return outputs
@@ -190,9 +209,10 @@ class Supernet(_MaskedLM):
         attention_mask: Optional[torch.Tensor],
         arch: Sequence[int],
         labels: Optional[torch.Tensor] = None,
+        layer_seed: Optional[int] = None,
     ) -> ModelOutput:
         token_mask = None if attention_mask is None else attention_mask.bool()
-        hidden_states = self.run_layers(self.embed(input_ids), token_mask, arch)
+        hidden_states = self.run_layers(self.embed(input_ids, layer_seed), token_mask, arch, layer_seed=layer_seed)
         return self.mlm_output(hidden_states, labels)
 
     def child_parameters(self, arch: Sequence[int]) -> list:

@@ -23,6 +23,7 @@ from .data import Corpus, build_corpus
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
 from .metrics import MetricsLog
+from .alignment import AnchorTracker, aligned_forward
 from .samplers import build_sampler
 from .space import Arch
 from .supernet import Supernet, child_forward_flops, child_num_params
@@ -83,8 +84,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         t = cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-        self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed)
+        self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k)
         self.dev = self.corpus.dev_batches(t.batch_size, t.eval_batches)
+        self.anchor: Optional[AnchorTracker] = None
+        if self.sampler.aligns:
+            anchor_dev = self.dev[: cfg.sampler.anchor_dev_batches]
+            self.anchor = AnchorTracker(
+                self.space, cfg.sampler.anchor_init, t.seed, cfg.sampler.anchor_every,
+                score=lambda arch: evaluate_child(self.model, arch, anchor_dev, self.device)["loss"],
+            )
         self.eval_children = representative_children(self.space, t.eval_random_children)
         self.step = 0
         if resume:
@@ -106,10 +114,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def forward_loss(self, arch: Arch, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward_loss(self, arch: Arch, batch: dict, layer_seed: int) -> tuple[torch.Tensor, dict]:
+        sc = self.cfg.sampler
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-            out = self.model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"])
-        return out.loss, {}
+            if self.anchor is None:
+                return self.model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss, {}
+            out = aligned_forward(self.model, batch, arch, self.anchor.anchor, layer_seed, sc.prefix_sharing)
+        return out.mlm_loss + sc.align_weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()), "align_loss": float(out.align_loss.detach())}
 
     # --- one training step ---------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -119,14 +130,17 @@ class Trainer:
         total_loss = 0.0
         extras: dict = {}
         for micro in range(t.grad_accum):
-            torch.manual_seed(micro_seed(t.seed, step, micro))  # masking + dropout = f(seed, step)
+            seed = micro_seed(t.seed, step, micro)
+            torch.manual_seed(seed)  # masking = f(seed, step); dropout is seeded per layer from it
             idx = self.corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
             batch = {k: v.to(self.device) for k, v in self.corpus.collate(self.corpus.train_blocks[idx]).items()}
-            loss, extras = self.forward_loss(arch, batch)
+            loss, extras = self.forward_loss(arch, batch, seed)
             self.backward(loss / t.grad_accum)
             total_loss += float(loss.detach()) / t.grad_accum
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.optimizer_step(arch)
+        if self.anchor is not None:
+            extras.update(self.anchor.maybe_update(step, arch))
         return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "child": self.space.arch_id(arch), **extras}
 
     def evaluate(self) -> dict:
@@ -150,7 +164,7 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if self.step % t.log_every == 0 or self.step == t.steps or record.get("anchor_changed"):
                     now = time.perf_counter()
                     record["tokens_per_s"] = tokens_per_step * window_steps / (now - window_t)
                     window_t, window_steps = now, 0
@@ -218,6 +232,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
+                "anchor": self.anchor.state_dict() if self.anchor else None,
                 "rng": checkpoint.rng_state(),
                 "data_position": {"micro_steps_done": self.step * self.cfg.train.grad_accum, "seed": self.cfg.train.seed},
                 "config": self.cfg.to_dict(),
@@ -231,5 +246,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.anchor is not None:
+            self.anchor.load_state_dict(state.get("anchor"))
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]

@@ -1,0 +1,63 @@
+"""Arch-list files (one arch string per line) and seeded arch sets spread over parameter counts."""
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+from .errors import UserError
+from .space import Arch, SearchSpace
+
+POOL_PER_ARCH = 200  # random candidates drawn per requested child before stratifying
+
+
+def read_archs(path: str | Path, space: SearchSpace) -> list[Arch]:
+    """Parse an arch list; blank lines and ``#`` comments are skipped, duplicates dropped (order kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"arch list not found: {path}")
+    archs: list[Arch] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            arch = space.parse(line)
+        except UserError as exc:
+            raise UserError(f"{path}:{lineno}: {exc}") from None
+        if arch not in archs:
+            archs.append(arch)
+    if not archs:
+        raise UserError(f"arch list {path} is empty")
+    return archs
+
+
+def write_archs(path: str | Path, space: SearchSpace, archs: list[Arch]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(space.arch_id(a) + "\n" for a in archs))
+
+
+def stratified_archs(space: SearchSpace, n: int, seed: int, params) -> list[Arch]:
+    """``n`` distinct children, one from each of ``n`` equal-count parameter-count quantile bins.
+
+    The pool is every child when the space is small, else POOL_PER_ARCH * n uniform random ones;
+    ``params(arch)`` gives the exact parameter count. Sorted by parameter count.
+    """
+    if n <= 0:
+        raise UserError(f"--n must be positive, got {n}")
+    if n > space.size:
+        raise UserError(f"--n {n} is more than the {space.size} children of the space")
+    rng = random.Random(seed)
+    pool_size = POOL_PER_ARCH * n
+    if space.size <= pool_size:
+        pool = list(itertools.product(range(len(space.candidates)), repeat=space.num_layers))
+    else:
+        seen: set = set()
+        while len(seen) < pool_size:
+            seen.add(space.random_arch(rng))
+        pool = sorted(seen)
+    rng.shuffle(pool)  # ties in parameter count are broken at random, not by arch order
+    pool.sort(key=params)
+    bins = [pool[len(pool) * i // n : len(pool) * (i + 1) // n] for i in range(n)]
+    return [rng.choice(b) for b in bins]

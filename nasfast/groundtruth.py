@@ -1,0 +1,174 @@
+"""Ground truth for rank correlation (DESIGN §3): each child trained from scratch, standalone.
+
+Every child gets the same protocol: the run's config (model, train section), the run's data folder
+(identical tokenizer and blocks), the same number of steps, and the trainer's per-step data order
+and seeding (batch of step s = f(seed, s); masking from ``micro_seed(seed, step, micro)``). It is
+then scored by dev MLM loss and accuracy on the fixed dev batches.
+
+Results are cached one JSON per child in OUT/cache/<sha1 of arch id>.json, written atomically, so
+an interrupted run resumes where it stopped and a rerun recomputes nothing. OUT/protocol.json pins
+the protocol: a different one (steps, config, data) in the same OUT is refused, never mixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_text
+from .errors import UserError
+from .evaluation import evaluate_mlm
+from .runs import Run, dev_description
+from .space import Arch
+from .supernet import StaticModel, child_num_params
+
+PROTOCOL_VERSION = 1
+# Train keys that do not change what a child learns (logging, supernet evaluation, device).
+NOT_PROTOCOL = ("device", "log_every", "eval_every", "eval_batches", "eval_random_children", "ckpt_every")
+
+
+def cache_path(out: Path, arch_id: str) -> Path:
+    return out / "cache" / f"{hashlib.sha1(arch_id.encode()).hexdigest()}.json"
+
+
+def _file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def protocol(run: Run, steps: int, dev: list[dict]) -> dict:
+    train = {k: v for k, v in asdict(run.cfg.train).items() if k not in NOT_PROTOCOL}
+    train["steps"] = steps
+    train["warmup_steps"] = min(train["warmup_steps"], steps)
+    return {
+        "version": PROTOCOL_VERSION,
+        "model": asdict(run.cfg.model),
+        "train": train,
+        "data_sha1": _file_sha1(run.path / "data" / "blocks.npz"),
+        "dev": dev_description(run, dev),
+    }
+
+
+def protocol_key(proto: dict) -> str:
+    return hashlib.sha1(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
+    """Train ``arch`` from scratch as a StaticModel for ``steps`` steps; its dev loss/accuracy."""
+    from .trainer import build_optimizer, lr_lambda, micro_seed
+
+    cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
+    torch.manual_seed(t.seed)  # the same initialisation seed for every child
+    model = StaticModel(cfg.model, run.space, arch, corpus.vocab_size, backend="eager").to(device)
+    model.set_backend(cfg.kernels.backend, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, steps), steps, t.min_lr_ratio))
+    started, train_loss = time.perf_counter(), math.nan
+    model.train()
+    for step in range(steps):
+        train_loss = 0.0
+        for micro in range(t.grad_accum):
+            torch.manual_seed(micro_seed(t.seed, step, micro))  # masking (and dropout) = f(seed, step), as the trainer
+            idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
+            batch = {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
+                loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+            (loss / t.grad_accum).backward()
+            train_loss += float(loss.detach()) / t.grad_accum
+        if t.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(train_loss):
+            break
+    model.eval()
+    scores = evaluate_mlm(lambda i, m, l: model(i, m, l), dev, device)
+    return {
+        **scores,
+        "params": child_num_params(run.space, arch, corpus.vocab_size, cfg.model.max_len),
+        "final_train_loss": train_loss,
+        "diverged": not (math.isfinite(train_loss) and math.isfinite(scores["loss"])),
+        "train_time_s": time.perf_counter() - started,
+    }
+
+
+def _pin_protocol(out: Path, proto: dict) -> str:
+    path = out / "protocol.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != proto:
+            changed = sorted(k for k in set(saved) | set(proto) if saved.get(k) != proto.get(k))
+            raise UserError(f"{out} holds ground truth for a different protocol (differs in: {', '.join(changed)}); use another --out")
+    else:
+        atomic_write_text(path, json.dumps(proto, indent=2))
+    return protocol_key(proto)
+
+
+def read_cached(out: Path, arch_id: str, key: str) -> Optional[dict]:
+    path = cache_path(out, arch_id)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("arch") != arch_id or record.get("protocol") != key:
+        raise UserError(f"cache entry {path} is for another arch or protocol; remove it or use another --out")
+    return record
+
+
+def run_ground_truth(
+    run: Run, archs: list[Arch], out: Path, steps: Optional[int] = None, dev_batches: Optional[int] = None,
+    limit: Optional[int] = None, progress: bool = True, on_trained: Optional[Callable[[str, dict], None]] = None,
+) -> dict:
+    """Train every uncached child (at most ``limit`` this call); write OUT/ground_truth.json.
+
+    Returns ``{"results", "computed", "cached", "remaining", ...}`` (lists of arch ids). ``on_trained``
+    is called after each child's cache entry is written.
+    """
+    steps = run.cfg.train.steps if steps is None else steps
+    if steps <= 0:
+        raise UserError(f"--steps must be positive, got {steps}")
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be >= 0, got {limit}")
+    out = Path(out)
+    dev = run.dev_batches(dev_batches)
+    proto = protocol(run, steps, dev)
+    key = _pin_protocol(out, proto)
+    ids = [run.space.arch_id(a) for a in archs]
+    records = {i: r for i in ids if (r := read_cached(out, i, key)) is not None}
+    cached = list(records)
+    computed: list[str] = []
+    todo = [(a, i) for a, i in zip(archs, ids) if i not in records]
+    if limit is not None:
+        todo = todo[:limit]
+    with tqdm(total=len(ids), initial=len(cached), desc="ground truth", unit="child", disable=not progress, dynamic_ncols=True) as bar:
+        for arch, arch_id in todo:
+            bar.set_postfix_str(arch_id)
+            record = {"arch": arch_id, "protocol": key, "steps": steps, **train_child(run, arch, steps, dev)}
+            atomic_write_text(cache_path(out, arch_id), json.dumps(record, indent=2))
+            records[arch_id] = record
+            computed.append(arch_id)
+            bar.update(1)
+            if on_trained is not None:
+                on_trained(arch_id, record)
+    results = [records[i] for i in ids if i in records and not records[i]["diverged"]]
+    summary = {
+        "kind": "ground_truth",
+        "run": str(run.path),
+        "protocol": proto,
+        "dev": proto["dev"],
+        "complete": len(records) == len(ids),
+        "results": results,
+        "diverged": [i for i in ids if i in records and records[i]["diverged"]],
+    }
+    atomic_write_text(out / "ground_truth.json", json.dumps(summary, indent=2))
+    return {**summary, "computed": computed, "cached": cached, "remaining": [i for i in ids if i not in records]}

@@ -1,0 +1,42 @@
+"""PNG plots of the analysis commands (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def errorbar(path: Path, x: Sequence, mean: Sequence, std: Sequence, xlabel: str, ylabel: str, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=4)
+    ax.set_xticks(list(x))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scatter_panels(path: Path, panels: list[dict], title: str) -> None:
+    """One scatter per panel: ``{"x", "y", "xlabel", "ylabel", "title", "c" (optional colour values), "clabel"}``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        points = ax.scatter(p["x"], p["y"], c=p.get("c"), s=18, cmap="viridis")
+        if p.get("c") is not None:
+            fig.colorbar(points, ax=ax, label=p.get("clabel", ""))
+        ax.set(xlabel=p["xlabel"], ylabel=p["ylabel"], title=p.get("title", ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
