@@ -65,7 +65,7 @@ def protocol_key(proto: dict) -> str:
 
 def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     """Train ``arch`` from scratch as a StaticModel for ``steps`` steps; its dev loss/accuracy."""
-    from .trainer import build_optimizer, lr_lambda, micro_seed
+    from .trainer import build_optimizer, clip_and_step, lr_lambda, micro_batches
 
     cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
     torch.manual_seed(t.seed)  # the same initialisation seed for every child
@@ -77,19 +77,12 @@ def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     model.train()
     for step in range(steps):
         train_loss = 0.0
-        for micro in range(t.grad_accum):
-            torch.manual_seed(micro_seed(t.seed, step, micro))  # masking (and dropout) = f(seed, step), as the trainer
-            idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
-            batch = {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
+        for seed, batch in micro_batches(corpus, t, step, device):  # the trainer's exact batches
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
-                loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+                loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], layer_seed=seed).loss
             (loss / t.grad_accum).backward()
             train_loss += float(loss.detach()) / t.grad_accum
-        if t.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(list(model.parameters()), optimizer, scheduler, t.clip_norm)
         if not math.isfinite(train_loss):
             break
     model.eval()

@@ -31,9 +31,11 @@ def scatter_panels(path: Path, panels: list[dict], title: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, p in zip(axes[0], panels):
-        points = ax.scatter(p["x"], p["y"], c=p.get("c"), s=18, cmap="viridis")
         if p.get("c") is not None:
+            points = ax.scatter(p["x"], p["y"], c=p["c"], s=18, cmap="viridis")
             fig.colorbar(points, ax=ax, label=p.get("clabel", ""))
+        else:
+            ax.scatter(p["x"], p["y"], s=18)
         ax.set(xlabel=p["xlabel"], ylabel=p["ylabel"], title=p.get("title", ""))
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -24,12 +24,18 @@ def _clean(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _constant(values: Sequence[float]) -> bool:
+    return len(set(values)) < 2
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
     """Spearman ρ and its two-sided p-value (None when undefined, e.g. a constant input)."""
     from scipy import stats
 
     if len(x) != len(y) or len(x) < 2:
         raise ValueError("spearman needs two sequences of equal length >= 2")
+    if _constant(x) or _constant(y):
+        return {"rho": None, "p": None, "n": len(x)}
     res = stats.spearmanr(x, y)
     return {"rho": _clean(res.statistic), "p": _clean(res.pvalue), "n": len(x)}
 
@@ -40,6 +46,8 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> dict:
 
     if len(x) != len(y) or len(x) < 2:
         raise ValueError("kendall needs two sequences of equal length >= 2")
+    if _constant(x) or _constant(y):
+        return {"tau": None, "p": None, "n": len(x)}
     res = stats.kendalltau(x, y)
     return {"tau": _clean(res.statistic), "p": _clean(res.pvalue), "n": len(x)}
 

@@ -17,8 +17,7 @@ from .config import Config, build_space, load_config
 from .data import Corpus, build_corpus
 from .errors import UserError
 from .space import SearchSpace
-
-CHECKPOINT = "checkpoints/last.pt"  # == nasfast.trainer.CHECKPOINT (not imported: keeps this module light)
+from .trainer import CHECKPOINT, resolve_device
 
 
 @dataclass
@@ -52,8 +51,6 @@ class Run:
 
 
 def open_run(path: str | Path, device: Optional[str] = None) -> Run:
-    from .trainer import resolve_device
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"run folder not found: {path}")

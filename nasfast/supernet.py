@@ -254,12 +254,18 @@ class StaticModel(_MaskedLM):
         return self.space.arch_id(self.arch)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor] = None,
+        layer_seed: Optional[int] = None,
     ) -> ModelOutput:
         token_mask = None if attention_mask is None else attention_mask.bool()
+        _reseed(layer_seed, -1)
         x = self.embeddings(input_ids)
         hidden_states = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            _reseed(layer_seed, index)  # the same dropout draws as the supernet running this child
             x = layer(x, token_mask, self.ops)
             hidden_states.append(x)
         return self.mlm_output(hidden_states, labels)

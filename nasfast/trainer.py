@@ -35,6 +35,28 @@ def micro_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
+def micro_batches(corpus: Corpus, t, step: int, device: torch.device):
+    """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
+    functions of (seed, step, micro) only. Shared by the supernet trainer and standalone children."""
+    for micro in range(t.grad_accum):
+        seed = micro_seed(t.seed, step, micro)
+        torch.manual_seed(seed)  # masking; dropout is reseeded per layer from the same seed
+        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
+        yield seed, {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
+
+
+def clip_and_step(params: list, optimizer, scheduler, clip_norm: float) -> float:
+    """Clip the gradient norm of ``params`` (0 disables), step optimizer and schedule; returns the norm."""
+    if clip_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,14 +127,7 @@ class Trainer:
 
     def optimizer_step(self, arch: Arch) -> float:
         params = [p for p in self.model.child_parameters(arch) if p.grad is not None]
-        clip = self.cfg.train.clip_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in params])
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
 
     def forward_loss(self, arch: Arch, batch: dict, layer_seed: int) -> tuple[torch.Tensor, dict]:
         sc = self.cfg.sampler
@@ -129,11 +144,7 @@ class Trainer:
         self.model.train()
         total_loss = 0.0
         extras: dict = {}
-        for micro in range(t.grad_accum):
-            seed = micro_seed(t.seed, step, micro)
-            torch.manual_seed(seed)  # masking = f(seed, step); dropout is seeded per layer from it
-            idx = self.corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
-            batch = {k: v.to(self.device) for k, v in self.corpus.collate(self.corpus.train_blocks[idx]).items()}
+        for seed, batch in micro_batches(self.corpus, t, step, self.device):
             loss, extras = self.forward_loss(arch, batch, seed)
             self.backward(loss / t.grad_accum)
             total_loss += float(loss.detach()) / t.grad_accum

@@ -95,3 +95,18 @@ def test_only_the_sampled_child_is_updated(micro_space):
                 assert p not in opt.state or not opt.state[p], n
         changed = [n for n, p in net.named_parameters() if id(p) in used and not torch.equal(p, before[n])]
         assert any(n.startswith(f"layers.0.{arch[0]}.") for n in changed)
+
+
+def test_extract_matches_in_training_mode_with_layer_seeds(micro_space):
+    """Same dropout draws per layer: a static child trains exactly like the supernet running it."""
+    net = make_net(micro_space, dropout=0.2).train()
+    arch = (1, 4, 2)
+    static = net.extract(arch)
+    ids = torch.randint(5, 97, (2, 15))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    a = net(ids, None, arch, labels, layer_seed=5)
+    b = static(ids, None, labels, layer_seed=5)
+    assert torch.equal(a.loss, b.loss)
+    c = static(ids, None, labels, layer_seed=6)
+    assert not torch.equal(a.loss, c.loss)
