@@ -106,6 +106,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise UserError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if annotation in (float, "float"):
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)

@@ -6,7 +6,7 @@ Where there is no compiler or the build fails, ``available()`` is False and ``wh
 says why; ``nasfast.backend`` then falls back to eager.
 
 Environment:
-- ``NASFAST_CSRC``: the C++ sources (default: ``csrc/`` next to the package, i.e. a source checkout).
+- ``NASFAST_CSRC``: the C++ sources (default: the checkout's ``csrc/``, else ``nasfast/csrc``).
 - ``NASFAST_BUILD_DIR``: build cache (default ``$TORCH_EXTENSIONS_DIR/nasfast`` if set, else
   ``~/.cache/nasfast``), one sub-directory per torch version / CPU capability.
 - ``NASFAST_NATIVE_ARCH=default``: build without AVX2/FMA even where the CPU has them.
@@ -33,7 +33,15 @@ _STATE: dict = {"loaded": False, "error": None, "path": None}
 
 # ------------------------------------------------------------------------------------ build/load
 def _sources_dir() -> Path:
-    return Path(os.environ.get("NASFAST_CSRC") or Path(__file__).resolve().parent.parent / "csrc")
+    """NASFAST_CSRC, else the checkout's top-level csrc/, else csrc/ shipped inside the package
+    (needs pyproject's package-dir ``"nasfast.csrc" = "csrc"`` + package-data ``*.cpp, *.h``)."""
+    if os.environ.get("NASFAST_CSRC"):
+        return Path(os.environ["NASFAST_CSRC"])
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "csrc", here / "csrc"):
+        if any(cand.glob("*.cpp")):
+            return cand
+    return here.parent / "csrc"
 
 
 def _arch() -> str:

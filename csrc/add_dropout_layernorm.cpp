@@ -1,0 +1,190 @@
+// Post-LN sub-layer tail: y = LayerNorm(residual + dropout(x)) over the last dim H.
+// Forward: one pass per row (z = residual + x * keep / (1 - p) kept in the output row while the
+// two-pass mean/variance runs in cache), saves mean and rstd. Backward recomputes z from x,
+// residual and the keep pattern (regenerated from the seed, or read from keep_mask), so the only
+// saved activations are the inputs autograd keeps anyway; dx, dresidual, dweight, dbias in one pass.
+#include "common.h"
+
+namespace nasfast {
+namespace {
+
+constexpr int64_t kGrainElems = 16384;
+
+struct Dropout {  // where the keep pattern comes from for one call
+  double p;
+  const bool* mask;  // bool [N, H] or nullptr
+  DropoutHash hash;
+  bool active() const { return p > 0.0; }
+  template <typename T>
+  void factors(int64_t row, int64_t H, T* out) const {  // keep ? 1/(1-p) : 0
+    const T scale = static_cast<T>(1.0 / (1.0 - p));
+    if (mask) {
+      const bool* mr = mask + row * H;
+      for (int64_t c = 0; c < H; ++c) out[c] = mr[c] ? scale : T(0);
+    } else {
+      hash.row_factors<T>(row, H, scale, out);
+    }
+  }
+};
+
+// z = residual + x * fac (fac == nullptr: no dropout) into z.
+template <typename T>
+inline void residual_row(const T* xr, const T* rr, const T* fac, T* z, int64_t H) {
+  using Vec = Vectorized<T>;
+  for (int64_t d = 0; d < H; d += lanes<T>()) {
+    const int64_t n = part<T>(d, H);
+    Vec v = Vec::loadu(xr + d, n);
+    if (fac) v = v * Vec::loadu(fac + d, n);
+    (Vec::loadu(rr + d, n) + v).store(z + d, n);
+  }
+}
+
+template <typename T>
+void fwd_kernel(const T* x, const T* res, const T* w, const T* b, T* y, T* mean, T* rstd,
+                int64_t N, int64_t H, double eps, const Dropout& drop) {
+  using Vec = Vectorized<T>;
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(H, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    std::vector<T> fac(drop.active() ? H : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* z = y + r * H;
+      if (drop.active()) drop.factors<T>(r, H, fac.data());
+      residual_row<T>(x + r * H, res + r * H, drop.active() ? fac.data() : nullptr, z, H);
+      Vec s(T(0));
+      for (int64_t d = 0; d < H; d += lanes<T>()) s = s + Vec::loadu(z + d, part<T>(d, H));
+      const T mu = hsum<T>(s) / static_cast<T>(H);
+      Vec q(T(0));
+      for (int64_t d = 0; d < H; d += lanes<T>()) {
+        const int64_t n = part<T>(d, H);
+        const Vec c = Vec::loadu(z + d, n) - Vec(mu);
+        q = q + (n == lanes<T>() ? c * c : Vec::set(Vec(T(0)), c * c, n));
+      }
+      const T rs = T(1) / std::sqrt(hsum<T>(q) / static_cast<T>(H) + static_cast<T>(eps));
+      for (int64_t d = 0; d < H; d += lanes<T>()) {
+        const int64_t n = part<T>(d, H);
+        const Vec xhat = (Vec::loadu(z + d, n) - Vec(mu)) * Vec(rs);
+        at::vec::fmadd(xhat, Vec::loadu(w + d, n), Vec::loadu(b + d, n)).store(z + d, n);
+      }
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  });
+}
+
+template <typename T>
+void bwd_kernel(const T* g, const T* x, const T* res, const T* w, const T* mean, const T* rstd,
+                T* dx, T* dres, std::vector<double>& parts, const Chunks& ch, int64_t H,
+                const Dropout& drop) {
+  using Vec = Vectorized<T>;
+  ch.run([&](int64_t c, int64_t r0, int64_t r1) {
+    std::vector<T> fac(drop.active() ? H : 0), xhat(H), acc(2 * H, T(0));  // acc: [dw | db]
+    double* part_c = parts.data() + c * 2 * H;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = g + r * H;
+      if (drop.active()) drop.factors<T>(r, H, fac.data());
+      residual_row<T>(x + r * H, res + r * H, drop.active() ? fac.data() : nullptr, xhat.data(), H);
+      const Vec mu(mean[r]), rs(rstd[r]);
+      Vec s1(T(0)), s2(T(0));
+      for (int64_t d = 0; d < H; d += lanes<T>()) {
+        const int64_t n = part<T>(d, H);
+        const Vec xh = (Vec::loadu(xhat.data() + d, n) - mu) * rs;  // padded lanes: gv = gw = 0
+        xh.store(xhat.data() + d, n);
+        const Vec gv = Vec::loadu(gr + d, n);
+        const Vec gw = gv * Vec::loadu(w + d, n);
+        s1 = s1 + gw;
+        s2 = s2 + gw * xh;
+        (Vec::loadu(acc.data() + d, n) + gv * xh).store(acc.data() + d, n);
+        (Vec::loadu(acc.data() + H + d, n) + gv).store(acc.data() + H + d, n);
+      }
+      const Vec c1(hsum<T>(s1) / static_cast<T>(H)), c2(hsum<T>(s2) / static_cast<T>(H));
+      T* dxr = dx + r * H;
+      T* drr = dres + r * H;
+      for (int64_t d = 0; d < H; d += lanes<T>()) {
+        const int64_t n = part<T>(d, H);
+        const Vec gw = Vec::loadu(gr + d, n) * Vec::loadu(w + d, n);
+        const Vec dz = rs * (gw - c1 - Vec::loadu(xhat.data() + d, n) * c2);
+        dz.store(drr + d, n);
+        (drop.active() ? dz * Vec::loadu(fac.data() + d, n) : dz).store(dxr + d, n);
+      }
+      if ((r - r0 + 1) % kFlushRows == 0) flush(part_c, acc.data(), 2 * H);
+    }
+    flush(part_c, acc.data(), 2 * H);
+  });
+}
+
+Dropout make_dropout(double p, const std::optional<at::Tensor>& keep_mask, int64_t seed,
+                     const at::Tensor& x, at::Tensor& mask_holder) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "add_dropout_layernorm: dropout p must be in [0, 1), got ", p);
+  Dropout drop{p, nullptr, DropoutHash(seed, p)};
+  if (p > 0.0 && keep_mask.has_value() && keep_mask->defined()) {
+    TORCH_CHECK(keep_mask->sizes() == x.sizes(), "keep_mask must have x's shape");
+    mask_holder = keep_mask->to(at::kBool).contiguous();
+    drop.mask = mask_holder.const_data_ptr<bool>();
+  }
+  return drop;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& res_,
+                                                   const at::Tensor& w_, const at::Tensor& b_,
+                                                   double p, const std::optional<at::Tensor>& keep_mask,
+                                                   int64_t seed, double eps) {
+  TORCH_CHECK(x_.sizes() == res_.sizes(), "add_dropout_layernorm: x and residual shapes differ");
+  const int64_t H = x_.size(-1), N = H == 0 ? 0 : x_.numel() / H;
+  TORCH_CHECK(w_.numel() == H && b_.numel() == H, "add_dropout_layernorm: weight/bias must be [H]");
+  const at::Tensor x = x_.contiguous(), res = res_.contiguous(), w = w_.contiguous(), b = b_.contiguous();
+  at::Tensor mask_holder;
+  const Dropout drop = make_dropout(p, keep_mask, seed, x, mask_holder);
+  at::Tensor y = at::empty_like(x), mean = at::empty({N}, x.options()), rstd = at::empty({N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_dropout_layernorm_fwd", [&] {
+    fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), res.const_data_ptr<scalar_t>(),
+                         w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                         y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
+                         N, H, eps, drop);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& res_, const at::Tensor& w_,
+    const at::Tensor& mean_, const at::Tensor& rstd_, double p,
+    const std::optional<at::Tensor>& keep_mask, int64_t seed) {
+  const int64_t H = x_.size(-1), N = H == 0 ? 0 : x_.numel() / H;
+  const at::Tensor g = g_.contiguous(), x = x_.contiguous(), res = res_.contiguous(),
+                   w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  at::Tensor mask_holder;
+  const Dropout drop = make_dropout(p, keep_mask, seed, x, mask_holder);
+  at::Tensor dx = at::empty_like(x), dres = at::empty_like(x);
+  const Chunks ch(N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(H, 1)));
+  std::vector<double> parts(ch.count * 2 * H, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_dropout_layernorm_bwd", [&] {
+    bwd_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                         res.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                         mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
+                         dx.data_ptr<scalar_t>(), dres.data_ptr<scalar_t>(), parts, ch, H, drop);
+  });
+  at::Tensor both = sum_partials(parts, ch.count, 2 * H, w.options());
+  return {dx, dres, both.narrow(0, 0, H).view(w_.sizes()), both.narrow(0, H, H).view(w_.sizes())};
+}
+
+}  // namespace
+
+at::Tensor dropout_keep_mask(int64_t rows, int64_t cols, double p, int64_t seed) {
+  const DropoutHash hash(seed, p);
+  at::Tensor out = at::empty({rows, cols}, at::kBool);
+  bool* o = out.data_ptr<bool>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> fac(cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      hash.row_factors<float>(r, cols, 1.0f, fac.data());
+      for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = fac[c] != 0.0f;
+    }
+  });
+  return out;
+}
+
+}  // namespace nasfast
+
+TORCH_LIBRARY_IMPL(nasfast, CPU, m) {
+  m.impl("add_dropout_layernorm_fwd", &nasfast::fwd);
+  m.impl("add_dropout_layernorm_bwd", &nasfast::bwd);
+}
