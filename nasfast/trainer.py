@@ -81,7 +81,23 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+    kwargs = dict(lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+    if decay and decay[0].is_cuda:
+        fused_adam = _apex_fused_adam()
+        if fused_adam is not None:  # NVIDIA apex, when built on this machine; it also skips grad-less params
+            return fused_adam(groups, adam_w_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _apex_fused_adam():
+    """apex.optimizers.FusedAdam if NVIDIA apex is importable, else None (never pip-install 'apex':
+    that PyPI name is an unrelated web package)."""
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    return FusedAdam
 
 
 class Trainer:

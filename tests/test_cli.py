@@ -103,3 +103,11 @@ def test_sigterm_checkpoints_and_exits(tmp_path, micro_yaml):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted by SIGTERM"
     assert load(out / CHECKPOINT)["step"] == summary["step"]
+
+
+def test_set_parses_yaml_values():
+    from nasfast.config import load_config
+
+    cfg = load_config(None, ["train.lr=3e-3", "train.bf16=true", "space.candidates=[mha:2, identity]", "data.max_chars_per_file=null"])
+    assert cfg.train.lr == 0.003 and cfg.train.bf16 is True
+    assert cfg.space.candidates == ["mha:2", "identity"] and cfg.data.max_chars_per_file is None

@@ -1,0 +1,380 @@
+"""GPU suite for the Triton kernels: correctness vs the eager references, then timings.
+
+Run (one H200, < 8 min; --quick for a ~1 min smoke run):
+
+    python benchmarks/gpu_suite.py --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
+
+1. correctness: each Triton op (forward and every gradient) vs a float64 evaluation of the eager
+   reference on awkward shapes, by the error rule |triton - fp64| <= 2 |eager - fp64| + floor;
+2. timings with ``triton.testing.do_bench`` (median, p20, p80; forward and forward+backward) of
+   triton vs eager reference vs ``torch.compile(reference)`` at the tiny (H=128) and base (H=768,
+   T=512, B=32) widths, plus peak memory;
+3. one whole supernet training step per backend, if ``nasfast.supernet`` imports.
+Writes ``results.csv`` and ``results.md`` (with the machine description and command line) to --out.
+The CPU-side parts (argument parsing, machine description, result writing) are tested in
+tests/test_gpu_suite_cpu.py.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+OPS = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WIDTHS = {  # shapes follow configs/tiny.yaml and configs/base.yaml
+    "tiny": dict(B=32, T=128, H=128, heads=4, ffn=512, layers=6),
+    "base": dict(B=32, T=512, H=768, heads=12, ffn=3072, layers=24),
+}
+QUICK_WIDTHS = {
+    "tiny": dict(B=8, T=128, H=128, heads=4, ffn=512, layers=6),
+    "base": dict(B=8, T=256, H=768, heads=12, ffn=3072, layers=12),
+}
+CSV_FIELDS = ("section", "op", "width", "shape", "dtype", "impl", "mode", "median_ms", "p20_ms", "p80_ms",
+              "peak_mem_mb", "speedup_vs_eager", "max_err", "eager_err", "ok", "note")
+
+
+@dataclass
+class Row:
+    section: str            # correctness | kernel | step
+    op: str
+    width: str = ""
+    shape: str = ""
+    dtype: str = ""
+    impl: str = ""          # triton | eager | compiled
+    mode: str = ""          # fwd | fwd+bwd | output/grad name for correctness
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    speedup_vs_eager: Optional[float] = None
+    max_err: Optional[float] = None
+    eager_err: Optional[float] = None
+    ok: Optional[bool] = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------- CPU-side helpers
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Triton kernels vs eager vs torch.compile on one GPU")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/gpu-<time>)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions (~1 min)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="I/O dtype of the timed cases")
+    p.add_argument("--widths", default="tiny,base", help="comma-separated subset of tiny,base")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) baseline")
+    p.add_argument("--no-step", action="store_true", help="skip the whole-supernet training step")
+    args = p.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        p.error(f"--ops: unknown op(s) {bad} (choose from {', '.join(OPS)})")
+    widths = [w.strip() for w in args.widths.split(",") if w.strip()]
+    if not widths or any(w not in WIDTHS for w in widths):
+        p.error(f"--widths: choose from {', '.join(WIDTHS)}")
+    args.ops, args.widths = ops, widths
+    if args.out is None:
+        args.out = Path("benchmarks/results") / f"gpu-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return args
+
+
+def machine_description() -> dict:
+    """GPU, versions and host; works without CUDA (gpu is None then)."""
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+            info["sm_count"] = props.multi_processor_count
+        else:
+            info["gpu"] = None
+    except ImportError:
+        info["torch"] = None
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def command_line(argv=None) -> str:
+    argv = sys.argv if argv is None else argv
+    return " ".join(["python"] + list(argv))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def write_results(rows: list, out: Path, machine: dict, cmdline: str) -> tuple[Path, Path]:
+    """results.csv (one row per measurement) and results.md (machine, command, tables)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+    lines = ["# nasfast GPU suite", "", f"Command: `{cmdline}`", "", "| machine | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    sections = [
+        ("correctness", "Correctness (max abs error vs fp64 reference)",
+         ("op", "shape", "dtype", "mode", "max_err", "eager_err", "ok", "note")),
+        ("kernel", "Kernel timings (ms, do_bench median [p20, p80])",
+         ("op", "width", "shape", "dtype", "mode", "impl", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+          "speedup_vs_eager", "note")),
+        ("step", "Supernet training step (ms)",
+         ("op", "width", "shape", "dtype", "impl", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "speedup_vs_eager", "note")),
+    ]
+    for key, title, cols in sections:
+        sel = [r for r in rows if r.section == key]
+        if not sel:
+            continue
+        lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        for r in sel:
+            d = asdict(r)
+            lines.append("| " + " | ".join(_fmt(d[c]) for c in cols) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------- GPU-side parts
+def _cases(op: str, w: dict, dtype, device, seed: int = 0):
+    """(shape string, inputs that get gradients, call(ops_module, *inputs)) for one op at width w."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, H = w["B"], w["T"], w["H"]
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    lengths[0] = T
+    tm = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
+    if op == "bias_gelu":
+        return f"x[{B},{T},{w['ffn']}]", [leaf(B, T, w["ffn"]), leaf(w["ffn"])], lambda m, x, b: m.bias_gelu(x, b)
+    if op == "add_dropout_layernorm":
+        keep = torch.rand(B, T, H, generator=g).to(device) >= 0.1
+        return (f"x[{B},{T},{H}] p=0.1", [leaf(B, T, H), leaf(B, T, H), leaf(H), leaf(H)],
+                lambda m, x, r, wt, b: m.add_dropout_layernorm(x, r, wt, b, 0.1, True, 1e-12, keep))
+    if op == "dwconv_bias_gelu":
+        return (f"x[{B},{T},{H}] k=5 masked", [leaf(B, T, H), leaf(H, 5, scale=0.3), leaf(H)],
+                lambda m, x, cw, cb: m.dwconv_bias_gelu(x, cw, cb, tm))
+    if op == "attention":
+        nh = w["heads"]
+        dh = H // nh
+        return (f"q[{B},{nh},{T},{dh}] masked", [leaf(B, nh, T, dh) for _ in range(3)],
+                lambda m, q, k, v: m.attention(q, k, v, tm))
+    if op == "alignment_loss":
+        L = w["layers"]
+        anchors = [torch.randn(B, T, H, generator=g).to(device=device, dtype=dtype) for _ in range(L)]
+        return (f"{L} x [{B},{T},{H}] masked", [leaf(B, T, H) for _ in range(L)],
+                lambda m, *c: m.alignment_loss(list(c), anchors, tm))
+    raise ValueError(op)
+
+
+def check_correctness(ops: list, rows: list, device: str = "cuda") -> bool:
+    import torch
+
+    from nasfast.kernels import reference, triton_ops
+
+    floors = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+    small = dict(B=3, T=37, H=72, heads=3, ffn=200, layers=3)
+    all_ok = True
+    for op in ops:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            try:
+                shape, inputs, call = _cases(op, small, dtype, device, seed=1)
+
+                def run(mod, cast):
+                    xs = [t.detach().to(cast).requires_grad_() for t in inputs]
+                    out = call(mod, *xs)
+                    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+                    grads = torch.autograd.grad(out, xs, gout.to(out.device, out.dtype))
+                    return [out] + list(grads)
+
+                got, eager, exact = run(triton_ops, dtype), run(reference, dtype), run(reference, torch.float64)
+                names = ["out"] + [f"grad{i}" for i in range(len(inputs))]
+                for name, a, e, x in zip(names, got, eager, exact):
+                    err = (a.double() - x).abs().max().item()
+                    eerr = (e.double() - x).abs().max().item()
+                    ok = bool(err <= 2 * eerr + floors[dtype] * max(1.0, x.abs().max().item()))
+                    all_ok &= ok
+                    rows.append(Row("correctness", op, "small", shape, str(dtype).split(".")[-1], "triton", name,
+                                    max_err=err, eager_err=eerr, ok=ok))
+            except Exception as exc:  # record and go on: one broken op must not hide the others
+                all_ok = False
+                rows.append(Row("correctness", op, "small", "", str(dtype).split(".")[-1], "triton", "", ok=False,
+                                note=f"{type(exc).__name__}: {exc}"[:200]))
+                traceback.print_exc()
+    return all_ok
+
+
+def _bench(fn: Callable, quick: bool):
+    import torch
+    import triton
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+    return q[0], q[1], q[2], peak
+
+
+def time_kernels(args, rows: list) -> None:
+    import torch
+
+    from nasfast.kernels import reference, triton_ops
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    compiled = None
+    if not args.no_compile:
+        compiled = {op: torch.compile(getattr(reference, op), dynamic=False) for op in args.ops}
+    widths = QUICK_WIDTHS if args.quick else WIDTHS
+    for width in args.widths:
+        for op in args.ops:
+            shape, inputs, call = _cases(op, widths[width], dtype, "cuda")
+            impls = {"eager": reference, "triton": triton_ops}
+            if compiled is not None:
+                impls["compiled"] = type("C", (), {op: staticmethod(compiled[op])})
+            eager_ms = {}
+            for impl, mod in impls.items():
+                for mode in ("fwd", "fwd+bwd"):
+                    try:
+                        if mode == "fwd":
+                            def fn():
+                                with torch.no_grad():
+                                    call(mod, *inputs)
+                        else:
+                            def fn():
+                                out = call(mod, *inputs)
+                                torch.autograd.backward(out, torch.ones_like(out))
+                                for t in inputs:
+                                    t.grad = None
+                        med, p20, p80, peak = _bench(fn, args.quick)
+                        if impl == "eager":
+                            eager_ms[mode] = med
+                        rows.append(Row("kernel", op, width, shape, args.dtype, impl, mode, med, p20, p80, peak,
+                                        eager_ms.get(mode, med) / med if mode in eager_ms else None))
+                    except Exception as exc:
+                        rows.append(Row("kernel", op, width, shape, args.dtype, impl, mode,
+                                        note=f"{type(exc).__name__}: {exc}"[:200]))
+                        traceback.print_exc()
+                    print(f"[kernel] {op:24s} {width:5s} {impl:9s} {mode:8s} "
+                          f"{_fmt(rows[-1].median_ms):>9s} ms {rows[-1].note}", flush=True)
+            torch.cuda.empty_cache()
+
+
+def time_supernet_step(args, rows: list) -> None:
+    """One forward+backward+optimizer step of a child of the supernet, per backend."""
+    import torch
+
+    try:
+        from nasfast.config import load_config
+        from nasfast.space import SearchSpace
+        from nasfast.supernet import Supernet
+    except Exception as exc:  # being written elsewhere: skip cleanly
+        rows.append(Row("step", "supernet", note=f"skipped: nasfast.supernet not importable ({exc})"[:200]))
+        return
+    dtype = getattr(torch, DTYPES[args.dtype])
+    widths = QUICK_WIDTHS if args.quick else WIDTHS
+    for width in args.widths:
+        w = widths[width]
+        try:
+            cfg = load_config(f"configs/{width}.yaml" if Path(f"configs/{width}.yaml").exists() else None, [])
+            cfg.model.hidden = w["H"]
+            cfg.model.max_len = max(cfg.model.max_len, w["T"])
+            space = SearchSpace.from_names(cfg.space.layers, cfg.space.candidates, cfg.model.hidden)
+            vocab = cfg.data.vocab_size
+            B, T = w["B"], w["T"]
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (B, T), generator=g).cuda()
+            mask = torch.ones(B, T, dtype=torch.long)
+            mask[1:, T * 3 // 4:] = 0
+            mask = mask.cuda()
+            labels = torch.full((B, T), -100, dtype=torch.long)
+            pick = torch.rand(B, T, generator=g) < 0.15
+            labels[pick] = torch.randint(0, vocab, (int(pick.sum()),), generator=g)
+            labels = labels.cuda()
+            arch = space.largest()
+        except Exception as exc:
+            rows.append(Row("step", "supernet", width, note=f"setup failed: {type(exc).__name__}: {exc}"[:200]))
+            traceback.print_exc()
+            continue
+        eager_ms = None
+        for backend in ("eager", "triton"):
+            try:
+                torch.manual_seed(0)
+                net = Supernet(cfg.model, space, vocab, backend=backend).cuda()
+                net.set_backend(backend, "cuda")
+                params = net.child_parameters(arch)
+                opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+                def step():
+                    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                        out = net(ids, mask, arch, labels)
+                    out.loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                med, p20, p80, peak = _bench(step, args.quick)
+                eager_ms = med if backend == "eager" else eager_ms
+                rows.append(Row("step", "supernet", width, f"B={B} T={T} H={w['H']} L={len(arch)} largest child",
+                                args.dtype, backend, "train step", med, p20, p80, peak,
+                                (eager_ms / med) if eager_ms else None))
+                del net, opt
+                torch.cuda.empty_cache()
+            except Exception as exc:
+                rows.append(Row("step", "supernet", width, "", args.dtype, backend, note=f"{type(exc).__name__}: {exc}"[:200]))
+                traceback.print_exc()
+            print(f"[step] {width} {backend}: {_fmt(rows[-1].median_ms)} ms {rows[-1].note}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device; nothing to run (the CPU-side parts are tested in tests/test_gpu_suite_cpu.py)")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons stay exact on both sides
+    start = time.time()
+    rows: list = []
+    ok = check_correctness(args.ops, rows)
+    print(f"correctness: {'all ok' if ok else 'FAILURES'} ({time.time() - start:.0f} s)", flush=True)
+    time_kernels(args, rows)
+    if not args.no_step:
+        time_supernet_step(args, rows)
+    machine = machine_description()
+    machine["wall_s"] = round(time.time() - start, 1)
+    csv_path, md_path = write_results(rows, args.out, machine, command_line(argv if argv is not None else sys.argv))
+    print(f"wrote {csv_path} and {md_path} in {time.time() - start:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

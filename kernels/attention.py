@@ -1,0 +1,331 @@
+"""Flash-style softmax attention with a key-padding mask, forward and backward.
+
+q, k, v, o are [B, h, T, dh] (any strides with a contiguous last dim). Forward: online softmax over
+key blocks (exp2 domain), never materialising the [T, T] scores; it saves o and the per-row
+log-sum-exp. Padded keys get score -inf, i.e. exactly zero probability; a row whose keys are all
+padding has l = 0 and outputs zeros (as the reference defines), with lse stored as 0 so that
+backward's recomputed probabilities are all zero too. Backward (FlashAttention-2 split): a small
+kernel forms delta = rowsum(o * do); one kernel per key block accumulates dk, dv over query blocks;
+one kernel per query block accumulates dq over key blocks (no atomics).
+Reference: ``nasfast.kernels.reference.attention``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nasfast.kernels._common import NAMESPACE, acc_torch_dtype, dot_precision, interpreting, pow2
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _key_valid(TM, off_b, cols, T, HAS_MASK: tl.constexpr):
+    """[BLOCK_N] bool: key index in range and (when HAS_MASK) a real token."""
+    ok = cols < T
+    if HAS_MASK:
+        ok = ok & (tl.load(TM + off_b * T + cols, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,    # pointers, [B, h, T, dh] inputs
+    TM,         # pointer, [B, T] int8 key mask (1 = real token); read only when HAS_MASK
+    O,          # pointer, [B, h, T, dh] output
+    LSE,        # pointer, [B * h, T] ACC output: log2-sum-exp2 of the scaled scores (0 for all-pad rows)
+    sqb, sqh, sqt,   # int, Q strides (batch, head, time); dh stride is 1
+    skb, skh, skt,   # int, K strides
+    svb, svh, svt,   # int, V strides
+    sob, soh, sot,   # int, O strides
+    NH,         # int, heads
+    T,          # int, sequence length
+    DH,         # int, head dim
+    qk_scale,   # float, dh ** -0.5 * log2(e)
+    ACC: tl.constexpr,        # accumulation dtype (fp32, fp64 for fp64 inputs)
+    DOT: tl.constexpr,        # dtype fed to tl.dot (the I/O dtype; fp32 for bf16 under the interpreter)
+    PREC: tl.constexpr,       # tl.dot input_precision ("ieee" or "tf32")
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,    # query rows per program
+    BLOCK_N: tl.constexpr,    # keys per loop iteration
+    BLOCK_D: tl.constexpr,    # next power of two >= dh (>= 16)
+):
+    bh = tl.program_id(1)
+    off_b = bh // NH
+    off_h = bh % NH
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < DH
+    q_ptr = Q + off_b.to(tl.int64) * sqb + off_h * sqh
+    k_ptr = K + off_b.to(tl.int64) * skb + off_h * skh
+    v_ptr = V + off_b.to(tl.int64) * svb + off_h * svh
+    qm = (rows[:, None] < T) & dmask[None, :]
+    q = tl.load(q_ptr + rows[:, None] * sqt + d[None, :], mask=qm, other=0.0).to(DOT)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, T, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        valid = _key_valid(TM, off_b, cols, T, HAS_MASK)
+        km = (cols[:, None] < T) & dmask[None, :]
+        k = tl.load(k_ptr + cols[:, None] * skt + d[None, :], mask=km, other=0.0).to(DOT)
+        v = tl.load(v_ptr + cols[:, None] * svt + d[None, :], mask=km, other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    has_key = l_i > 0.0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    o_ptr = O + off_b.to(tl.int64) * sob + off_h * soh
+    tl.store(o_ptr + rows[:, None] * sot + d[None, :], o, mask=qm)
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO,      # pointers, [B, h, T, dh] forward output and its gradient
+    DELTA,      # pointer, [B * h, T] ACC output: rowsum(o * do)
+    sob, soh, sot,   # int, O strides
+    sdb, sdh, sdt,   # int, DO strides
+    NH, T, DH,  # int, heads, sequence length, head dim
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    off_b = bh // NH
+    off_h = bh % NH
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m = (rows[:, None] < T) & (d[None, :] < DH)
+    o = tl.load(O + off_b.to(tl.int64) * sob + off_h * soh + rows[:, None] * sot + d[None, :], mask=m, other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * sdb + off_h * sdh + rows[:, None] * sdt + d[None, :], mask=m, other=0.0)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,     # pointers, [B, h, T, dh]
+    TM,              # pointer, [B, T] int8 key mask (HAS_MASK)
+    LSE, DELTA,      # pointers, [B * h, T] ACC, from forward / the delta kernel
+    DK, DV,          # pointers, [B, h, T, dh] outputs
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,  # int, strides of Q, K, V, DO
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,                           # int, strides of DK, DV
+    NH, T, DH,       # int
+    sm_scale,        # float, dh ** -0.5
+    qk_scale,        # float, sm_scale * log2(e)
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows per loop iteration
+    BLOCK_N: tl.constexpr,   # keys per program
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    off_b = bh // NH
+    off_h = bh % NH
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < DH
+    valid = _key_valid(TM, off_b, cols, T, HAS_MASK)
+    km = (cols[:, None] < T) & dmask[None, :]
+    k = tl.load(K + off_b.to(tl.int64) * skb + off_h * skh + cols[:, None] * skt + d[None, :], mask=km, other=0.0).to(DOT)
+    v = tl.load(V + off_b.to(tl.int64) * svb + off_h * svh + cols[:, None] * svt + d[None, :], mask=km, other=0.0).to(DOT)
+    q_ptr = Q + off_b.to(tl.int64) * sqb + off_h * sqh
+    do_ptr = DO + off_b.to(tl.int64) * sdb + off_h * sdh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, T, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        rmask = rows < T
+        qm = rmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + rows[:, None] * sqt + d[None, :], mask=qm, other=0.0).to(DOT)
+        do = tl.load(do_ptr + rows[:, None] * sdt + d[None, :], mask=qm, other=0.0).to(DOT)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
+        p = tl.where(rmask[:, None] & valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(DOT)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(DOT)), q, input_precision=PREC, out_dtype=ACC)
+    dk = dk * sm_scale
+    tl.store(DK + off_b.to(tl.int64) * sdkb + off_h * sdkh + cols[:, None] * sdkt + d[None, :], dk, mask=km)
+    tl.store(DV + off_b.to(tl.int64) * sdvb + off_h * sdvh + cols[:, None] * sdvt + d[None, :], dv, mask=km)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,     # pointers, [B, h, T, dh]
+    TM,              # pointer, [B, T] int8 key mask (HAS_MASK)
+    LSE, DELTA,      # pointers, [B * h, T] ACC
+    DQ,              # pointer, [B, h, T, dh] output
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,  # int, strides of Q, K, V, DO
+    sdqb, sdqh, sdqt,                                             # int, strides of DQ
+    NH, T, DH,       # int
+    sm_scale, qk_scale,   # float
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows per program
+    BLOCK_N: tl.constexpr,   # keys per loop iteration
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    off_b = bh // NH
+    off_h = bh % NH
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < DH
+    qm = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h * sqh + rows[:, None] * sqt + d[None, :], mask=qm, other=0.0).to(DOT)
+    do = tl.load(DO + off_b.to(tl.int64) * sdb + off_h * sdh + rows[:, None] * sdt + d[None, :], mask=qm, other=0.0).to(DOT)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+    k_ptr = K + off_b.to(tl.int64) * skb + off_h * skh
+    v_ptr = V + off_b.to(tl.int64) * svb + off_h * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, T, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        valid = _key_valid(TM, off_b, cols, T, HAS_MASK)
+        km = (cols[:, None] < T) & dmask[None, :]
+        k = tl.load(k_ptr + cols[:, None] * skt + d[None, :], mask=km, other=0.0).to(DOT)
+        v = tl.load(v_ptr + cols[:, None] * svt + d[None, :], mask=km, other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
+        p = tl.where(rmask[:, None] & valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DOT), k, input_precision=PREC, out_dtype=ACC)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h * sdqh + rows[:, None] * sdqt + d[None, :], dq, mask=qm)
+
+
+# --------------------------------------------------------------------------------------- launchers
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _s(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _types(q: torch.Tensor):
+    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}.get(q.dtype, tl.float32)
+    if dot == tl.bfloat16 and interpreting():
+        dot = tl.float32  # the interpreter computes bf16 wrongly
+    return acc, dot, dot_precision(q.dtype)
+
+
+def _blocks(t: int, dh: int):
+    block_d = pow2(dh, 16)
+    if interpreting():
+        b = min(pow2(t, 16), 128)
+        return b, b, block_d, 4
+    if block_d <= 128:
+        return 64, 64, block_d, 4
+    return 64, 32, block_d, 8
+
+
+def _mask_arg(token_mask: Optional[torch.Tensor], like: torch.Tensor):
+    if token_mask is None:
+        return like, False
+    return token_mask.to(torch.bool).contiguous().view(torch.int8), True
+
+
+def attention_forward(q, k, v, token_mask):
+    """Returns (o, lse)."""
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    b, nh, t, dh = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((b * nh, t), dtype=acc_torch_dtype(q), device=q.device)
+    if q.numel() == 0:
+        return o, lse
+    acc, dot, prec = _types(q)
+    block_m, block_n, block_d, warps = _blocks(t, dh)
+    tm, has_mask = _mask_arg(token_mask, q)
+    scale = dh ** -0.5
+    _attn_fwd_kernel[(triton.cdiv(t, block_m), b * nh)](
+        q, k, v, tm, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), nh, t, dh, scale * LOG2E,
+        ACC=acc, DOT=dot, PREC=prec, HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=warps, num_stages=1 if interpreting() else 2,
+    )
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, token_mask):
+    """Returns (dq, dk, dv)."""
+    q, k, v, o, do = _dense(q), _dense(k), _dense(v), _dense(o), _dense(do)
+    b, nh, t, dh = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    acc, dot, prec = _types(q)
+    block_m, block_n, block_d, warps = _blocks(t, dh)
+    tm, has_mask = _mask_arg(token_mask, q)
+    scale = dh ** -0.5
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(t, block_m), b * nh)](
+        o, do, delta, *_s(o), *_s(do), nh, t, dh, ACC=acc, BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    common = dict(ACC=acc, DOT=dot, PREC=prec, HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=block_d, num_warps=warps, num_stages=1 if interpreting() else 2)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(t, block_n), b * nh)](
+        q, k, v, do, tm, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv),
+        nh, t, dh, scale, scale * LOG2E, **common,
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(t, block_m), b * nh)](
+        q, k, v, do, tm, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq),
+        nh, t, dh, scale, scale * LOG2E, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------- custom ops and autograd
+@torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, token_mask)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, token_mask):
+    b, nh, t, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b * nh, t), dtype=acc_torch_dtype(q))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse, token_mask)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, token_mask):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, token_mask = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, token_mask)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, token_mask = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, token_mask)
+    return dq, dk, dv, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Same signature and semantics as ``reference.attention`` (q, k, v [B, h, T, dh], same dtype)."""
+    return _fwd_op(q, k, v, token_mask)[0]

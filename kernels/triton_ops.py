@@ -1,0 +1,27 @@
+"""The ``triton`` backend: the five fused ops with the signatures of ``nasfast.kernels.reference``.
+
+Each op is a ``torch.ops.nasfast_triton.*_fwd`` custom op (opaque to ``torch.compile``) whose autograd
+formula (``register_autograd``) calls the matching ``*_bwd`` op. Runs on CUDA, or on CPU tensors when
+``TRITON_INTERPRET=1`` was set before triton was first imported (tests). Known deviation: for fp64
+inputs ``alignment_loss`` returns fp64 (the reference upcasts to fp32), so that it can be gradchecked.
+"""
+from __future__ import annotations
+
+from nasfast.kernels._common import check_available
+from nasfast.kernels.alignment import alignment_loss
+from nasfast.kernels.attention import attention
+from nasfast.kernels.bias_gelu import bias_gelu
+from nasfast.kernels.dwconv import dwconv_bias_gelu
+from nasfast.kernels.layernorm import add_dropout_layernorm
+
+__all__ = ["bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss",
+           "available", "why_unavailable"]
+
+
+def why_unavailable() -> str:
+    """Empty when the kernels can run in this process, else the reason."""
+    return check_available()
+
+
+def available() -> bool:
+    return not why_unavailable()

@@ -1,0 +1,351 @@
+"""Triton kernels (nasfast.kernels.triton_ops) vs the eager references, forward and every gradient.
+
+Runs on CPU through the Triton interpreter: TRITON_INTERPRET=1 must be set before triton is first
+imported, so run this file in a fresh process (``pytest tests/test_triton_kernels.py``); if another
+module imported triton earlier without it, the module is skipped with that reason.
+Error rule (flash-attention's): max|kernel - fp64 ref| <= 2 * max|eager same dtype - fp64 ref| + floor.
+Set NASFAST_ERR_REPORT=path.json to dump the measured error ratios.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
+
+import json
+
+import pytest
+import torch
+
+from nasfast.kernels import reference as ref
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from nasfast.kernels import alignment, attention, bias_gelu, dwconv, layernorm, triton_ops
+    _INTERPRETED = isinstance(bias_gelu._bias_gelu_fwd_kernel, InterpretedFunction)
+except ImportError as exc:  # pragma: no cover
+    pytest.skip(f"triton unavailable: {exc}", allow_module_level=True)
+
+if not torch.cuda.is_available() and not _INTERPRETED:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run this file in a fresh process",
+                allow_module_level=True)
+
+DEV = "cuda" if torch.cuda.is_available() and not _INTERPRETED else "cpu"
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)]
+RATIOS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    path = os.environ.get("NASFAST_ERR_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(RATIOS, f, indent=1, sort_keys=True)
+
+
+def _seed(request):
+    # a different random draw per test case, reproducible from its id
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+def rnd(*shape, dtype, scale=1.0, grad=True):
+    t = (torch.randn(*shape, dtype=torch.float64, device=DEV) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def padding_mask(B, T):
+    """Row 0 without padding, rows 1.. partially padded, the last row all padding."""
+    lengths = torch.randint(1, T, (B,))
+    lengths[0] = T
+    if B > 2:
+        lengths[-1] = 0
+    return (torch.arange(T)[None, :] < lengths[:, None]).to(DEV)
+
+
+def run(fn, inputs, grad_out):
+    """Output and gradients of every floating input that requires grad."""
+    out = fn(*inputs)
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, diff, grad_out.to(out.dtype)) if diff else []
+    return [out.detach()] + [g for g in grads]
+
+
+def clone(inputs, dtype=None):
+    out = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out.append(t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad))
+        else:
+            out.append(t)
+    return out
+
+
+def check(op, kernel_fn, ref_fn, inputs, dtype, names):
+    """Compare output and all gradients of ``kernel_fn`` with fp64 ``ref_fn``, by the error rule."""
+    with torch.no_grad():
+        probe = ref_fn(*clone(inputs))
+    grad_out = torch.randn(probe.shape, dtype=torch.float64, device=DEV)
+    got = run(kernel_fn, clone(inputs), grad_out)
+    eager = run(ref_fn, clone(inputs), grad_out)
+    exact = run(ref_fn, clone(inputs, torch.float64), grad_out)
+    assert len(got) == len(exact) == len(names)
+    for name, g, e, x in zip(names, got, eager, exact):
+        assert g.shape == x.shape, name
+        assert torch.isfinite(g).all(), name
+        err_k = (g.double() - x).abs().max().item()
+        err_e = (e.double() - x).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, x.abs().max().item())
+        key = f"{op}/{str(dtype).split('.')[-1]}/{name}"
+        RATIOS[key] = max(RATIOS.get(key, 0.0), err_k / max(err_e, 1e-30))
+        assert err_k <= 2 * err_e + floor, f"{key}: kernel err {err_k:.3g} > 2 x eager err {err_e:.3g} + {floor:.3g}"
+
+
+# ------------------------------------------------------------------------------------- bias_gelu
+@pytest.mark.parametrize("shape", [(3, 37, 72), (7, 24), (1, 100)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu(request, shape, dtype):
+    _seed(request)
+    x, b = rnd(*shape, dtype=dtype, scale=2.0), rnd(shape[-1], dtype=dtype)
+    check("bias_gelu", triton_ops.bias_gelu, ref.bias_gelu, [x, b], dtype, ["y", "dx", "dbias"])
+
+
+# ------------------------------------------------------------------------- add_dropout_layernorm
+@pytest.mark.parametrize("shape,p,training", [((3, 37, 72), 0.1, True), ((7, 24), 0.0, True), ((2, 5, 48), 0.3, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_dropout_layernorm_explicit_mask(request, shape, p, training, dtype):
+    _seed(request)
+    x, r = rnd(*shape, dtype=dtype), rnd(*shape, dtype=dtype)
+    w, b = (1 + 0.2 * rnd(shape[-1], dtype=torch.float64, grad=False)).to(dtype).requires_grad_(), rnd(shape[-1], dtype=dtype)
+    keep = torch.rand(shape, device=DEV) >= p
+    fn = lambda *a: triton_ops.add_dropout_layernorm(*a, p, training, 1e-5, keep)  # noqa: E731
+    rf = lambda *a: ref.add_dropout_layernorm(*a, p, training, 1e-5, keep)  # noqa: E731
+    check("add_dropout_layernorm", fn, rf, [x, r, w, b], dtype, ["y", "dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_dropout_layernorm_seeded_mask(request, dtype):
+    """The in-kernel mask (reproduced by draw_seed + dropout_keep_mask) is the one used in fwd and bwd."""
+    _seed(request)
+    shape, p = (3, 37, 48), 0.25
+    x, r = rnd(*shape, dtype=dtype), rnd(*shape, dtype=dtype)
+    w, b = rnd(shape[-1], dtype=dtype), rnd(shape[-1], dtype=dtype)
+
+    def fn(*a):
+        torch.manual_seed(1234)
+        return triton_ops.add_dropout_layernorm(*a, p, True, 1e-12)
+
+    torch.manual_seed(1234)
+    keep = layernorm.dropout_keep_mask(layernorm.draw_seed(DEV), shape, p)
+    rf = lambda *a: ref.add_dropout_layernorm(*a, p, True, 1e-12, keep)  # noqa: E731
+    check("add_dropout_layernorm", fn, rf, [x, r, w, b], dtype, ["y", "dx", "dresidual", "dweight", "dbias"])
+
+
+def test_dropout_deterministic_and_keep_rate():
+    shape, p = (64, 1000), 0.25
+    x = torch.randn(shape, device=DEV)
+    r, w, b = torch.zeros_like(x), torch.ones(shape[-1], device=DEV), torch.zeros(shape[-1], device=DEV)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(triton_ops.add_dropout_layernorm(x, r, w, b, p, True, 1e-5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+    torch.manual_seed(7)
+    keep = layernorm.dropout_keep_mask(layernorm.draw_seed(DEV), shape, p)
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-3, rate
+    # dropped positions are exactly zero before the LayerNorm: the output equals LN(x * keep / (1 - p))
+    expect = torch.nn.functional.layer_norm(x * keep / (1 - p), shape[-1:], w, b, 1e-5)
+    torch.testing.assert_close(outs[0], expect, rtol=1e-5, atol=1e-5)
+    # eval mode ignores dropout entirely
+    torch.testing.assert_close(triton_ops.add_dropout_layernorm(x, r, w, b, p, False, 1e-5),
+                               torch.nn.functional.layer_norm(x, shape[-1:], w, b, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ dwconv_bias_gelu
+@pytest.mark.parametrize("B,T,H,k,masked", [(3, 37, 48, 3, True), (3, 37, 48, 5, True), (4, 7, 24, 7, True),
+                                             (2, 37, 72, 5, False), (1, 7, 24, 9, True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dwconv_bias_gelu(request, B, T, H, k, masked, dtype):
+    _seed(request)
+    x, w, b = rnd(B, T, H, dtype=dtype), rnd(H, k, dtype=dtype, scale=0.5), rnd(H, dtype=dtype)
+    tm = padding_mask(B, T) if masked else None
+    fn = lambda *a: triton_ops.dwconv_bias_gelu(*a, tm)  # noqa: E731
+    rf = lambda *a: ref.dwconv_bias_gelu(*a, tm)  # noqa: E731
+    check("dwconv_bias_gelu", fn, rf, [x, w, b], dtype, ["y", "dx", "dweight", "dbias"])
+
+
+# ------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("B,NH,T,DH,masked", [(3, 2, 37, 24, True), (2, 3, 7, 16, False), (3, 1, 7, 12, True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention(request, B, NH, T, DH, masked, dtype):
+    _seed(request)
+    q, k, v = (rnd(B, NH, T, DH, dtype=dtype) for _ in range(3))
+    tm = padding_mask(B, T) if masked else None
+    fn = lambda *a: triton_ops.attention(*a, tm)  # noqa: E731
+    rf = lambda *a: ref.attention(*a, tm)  # noqa: E731
+    check("attention", fn, rf, [q, k, v], dtype, ["o", "dq", "dk", "dv"])
+
+
+def test_attention_all_pad_row_and_masked_keys(request):
+    _seed(request)
+    B, NH, T, DH = 3, 2, 7, 16
+    q, k, v = (rnd(B, NH, T, DH, dtype=torch.float32) for _ in range(3))
+    tm = padding_mask(B, T)
+    o = triton_ops.attention(q, k, v, tm)
+    o.backward(torch.randn_like(o))
+    assert torch.equal(o[-1].detach(), torch.zeros_like(o[-1]))  # all keys padded -> zeros
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(g).all()
+    pad = ~tm[:, None, :, None].expand_as(k)
+    assert torch.equal(k.grad[pad], torch.zeros_like(k.grad[pad]))  # padded keys: zero probability
+    assert torch.equal(v.grad[pad], torch.zeros_like(v.grad[pad]))
+
+
+def test_attention_strided_inputs(request):
+    """q, k, v as head-split views of one [B, T, 3, h, dh] projection, as a model produces them."""
+    _seed(request)
+    B, T, NH, DH = 2, 37, 3, 16
+    qkv = torch.randn(B, T, 3, NH, DH, device=DEV, requires_grad=True)
+    tm = padding_mask(B, T)
+    outs = []
+    for impl in (triton_ops.attention, ref.attention):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = impl(q, k, v, tm)
+        (g,) = torch.autograd.grad(o, qkv, torch.ones_like(o))
+        outs.append((o, g))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------- alignment_loss
+@pytest.mark.parametrize("B,T,H,L,masked", [(3, 37, 72, 3, True), (2, 7, 24, 2, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alignment_loss(request, B, T, H, L, masked, dtype):
+    _seed(request)
+    tm = padding_mask(B, T) if masked else None
+    child = [rnd(B, T, H, dtype=dtype) for _ in range(L)]
+    anchor = [rnd(B, T, H, dtype=dtype, grad=False) for _ in range(L)]
+    fn = lambda *c: triton_ops.alignment_loss(list(c), anchor, tm)  # noqa: E731
+    rf = lambda *c: ref.alignment_loss(list(c), [a.to(c[0].dtype) for a in anchor], tm)  # noqa: E731
+    check("alignment_loss", fn, rf, child, dtype, ["loss"] + [f"dh{i}" for i in range(L)])
+
+
+def test_alignment_anchor_gets_no_gradient(request):
+    _seed(request)
+    child = [torch.randn(2, 7, 24, device=DEV, requires_grad=True) for _ in range(2)]
+    anchor = [torch.randn(2, 7, 24, device=DEV, requires_grad=True) for _ in range(2)]
+    loss = triton_ops.alignment_loss(child, anchor, padding_mask(2, 7))
+    loss.backward()
+    assert all(a.grad is None for a in anchor) and all(c.grad is not None for c in child)
+    with torch.no_grad():  # no gradient pass: loss only
+        torch.testing.assert_close(triton_ops.alignment_loss(child, anchor), ref.alignment_loss(child, anchor))
+
+
+# ------------------------------------------------------------------------------ fp64 gradcheck
+def _gradcheck_cases():
+    f64 = dict(dtype=torch.float64)
+    tm = padding_mask(3, 5)
+    keep = torch.rand(2, 5, 6, device=DEV) >= 0.3
+
+    def seeded(*a):
+        torch.manual_seed(3)
+        return triton_ops.add_dropout_layernorm(*a, 0.3, True, 1e-5)
+
+    anchor = [rnd(3, 5, 6, grad=False, **f64) for _ in range(2)]
+    return {
+        "bias_gelu": (triton_ops.bias_gelu, lambda: (rnd(2, 5, 6, **f64), rnd(6, **f64))),
+        "layernorm_mask": (lambda *a: triton_ops.add_dropout_layernorm(*a, 0.3, True, 1e-5, keep),
+                           lambda: (rnd(2, 5, 6, **f64), rnd(2, 5, 6, **f64), rnd(6, **f64), rnd(6, **f64))),
+        "layernorm_seed": (seeded, lambda: (rnd(2, 5, 6, **f64), rnd(2, 5, 6, **f64), rnd(6, **f64), rnd(6, **f64))),
+        "dwconv": (lambda *a: triton_ops.dwconv_bias_gelu(*a, tm), lambda: (rnd(3, 5, 6, **f64), rnd(6, 5, **f64), rnd(6, **f64))),
+        "attention": (lambda *a: triton_ops.attention(*a, tm), lambda: tuple(rnd(3, 2, 5, 8, **f64) for _ in range(3))),
+        "alignment": (lambda *c: triton_ops.alignment_loss(list(c), anchor, tm), lambda: tuple(rnd(3, 5, 6, **f64) for _ in range(2))),
+    }
+
+
+@pytest.mark.parametrize("case", ["bias_gelu", "layernorm_mask", "layernorm_seed", "dwconv", "attention", "alignment"])
+def test_gradcheck_fp64(request, case):
+    """fp64 gradcheck (fast mode: random projections, so a few kernel launches instead of one per element)."""
+    _seed(request)
+    fn, make = _gradcheck_cases()[case]
+    assert torch.autograd.gradcheck(fn, make(), fast_mode=True)
+
+
+# ------------------------------------------------------------------------------- integration
+def test_backend_loads_with_reference_signatures():
+    import inspect
+
+    from nasfast.backend import OP_NAMES, get_ops
+
+    ops = get_ops("triton", DEV)
+    assert ops.name == "triton" and triton_ops.available() and triton_ops.why_unavailable() == ""
+    for name in OP_NAMES:
+        assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(ref, name)), name
+        assert hasattr(torch.ops.nasfast_triton, f"{name}_fwd") or name == "alignment_loss"
+    assert hasattr(torch.ops.nasfast_triton, "alignment_loss_fwd")
+
+
+@pytest.mark.slow
+def test_torch_compile_treats_ops_as_opaque():
+    """fullgraph compile (aot_eager: no C++ compiler needed) through all five ops, same values/grads."""
+    B, T, H = 2, 7, 24
+    x, b, w = torch.randn(B, T, H, requires_grad=True), torch.randn(H, requires_grad=True), torch.randn(H, requires_grad=True)
+    cw, q = torch.randn(H, 3, requires_grad=True), torch.randn(B, 2, T, 12, requires_grad=True)
+    tm = padding_mask(B, T).cpu()
+
+    def f(x, b, w, cw, q):
+        y = triton_ops.bias_gelu(x, b)
+        y = triton_ops.add_dropout_layernorm(y, x, w, b, 0.1, True)
+        y = triton_ops.dwconv_bias_gelu(y, cw, b, tm)
+        o = triton_ops.attention(q, q, q, tm)
+        return y.sum() + o.sum() + triton_ops.alignment_loss([y], [x], tm)
+
+    args = (x, b, w, cw, q)
+    torch.manual_seed(0)
+    l1 = f(*args)
+    g1 = torch.autograd.grad(l1, args)
+    torch.manual_seed(0)
+    l2 = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+    g2 = torch.autograd.grad(l2, args)
+    torch.testing.assert_close(l1, l2)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.slow
+def test_convergence_matches_eager():
+    """A few dozen SGD steps of a small post-LN block stack: fused and eager losses stay together."""
+    from nasfast.backend import get_ops
+
+    B, T, H, NH = 4, 13, 24, 2
+    torch.manual_seed(0)
+    data = torch.randn(B, T, H)
+    target = torch.randn(B, T, H)
+    tm = padding_mask(B, T).cpu()
+    init = {"w1": torch.randn(H, 2 * H) * 0.2, "b1": torch.randn(2 * H) * 0.1, "w2": torch.randn(2 * H, H) * 0.2,
+            "wq": torch.randn(H, 3 * H) * 0.2, "cw": torch.randn(H, 5) * 0.3, "cb": torch.zeros(H),
+            "g": torch.ones(H), "beta": torch.zeros(H)}
+    histories = []
+    for backend in ("eager", "triton"):
+        ops = get_ops(backend, "cpu")
+        p = {k: v.clone().requires_grad_() for k, v in init.items()}
+        opt = torch.optim.SGD(p.values(), lr=0.05)
+        losses = []
+        for _ in range(8):
+            h = data
+            y = ops.bias_gelu(h @ p["w1"], p["b1"]) @ p["w2"]
+            h1 = ops.add_dropout_layernorm(y, h, p["g"], p["beta"], 0.0, True)
+            q, k, v = (h1 @ p["wq"]).view(B, T, 3, NH, H // NH).permute(2, 0, 3, 1, 4).unbind(0)
+            a = ops.attention(q, k, v, tm).transpose(1, 2).reshape(B, T, H)
+            h2 = ops.add_dropout_layernorm(a, h1, p["g"], p["beta"], 0.0, True)
+            h3 = ops.dwconv_bias_gelu(h2, p["cw"], p["cb"], tm)
+            loss = ops.alignment_loss([h3], [target], tm) + ops.alignment_loss([h1, h2], [h2.detach(), h1.detach()], tm)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        histories.append(losses)
+    assert histories[0][-1] < histories[0][0]
+    torch.testing.assert_close(torch.tensor(histories[1]), torch.tensor(histories[0]), rtol=1e-3, atol=1e-4)
