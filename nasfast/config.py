@@ -77,7 +77,7 @@ class SamplerConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "eager"  # auto | eager | triton | native
+    backend: str = "auto"  # auto | eager | triton | native (auto: triton on CUDA, native C++ on CPU)
 
 
 @dataclass

@@ -48,6 +48,7 @@ MICRO_OVERRIDES = [
     "train.eval_random_children=1",
     "train.ckpt_every=2",
     "train.device=cpu",
+    "kernels.backend=eager",
 ]
 
 
