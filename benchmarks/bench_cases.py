@@ -93,19 +93,6 @@ def make_case(op: str, width: str) -> Case:
 
 def machine() -> dict:
     """CPU model, core counts, torch version and threads, for the results files."""
-    info = open("/proc/cpuinfo").read()
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = re.search(r"flags\s*:\s*(.*)", info)
-    isa = sorted(f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "fma", "avx512f"))
-    import os
+    from machine import describe
 
-    return {
-        "cpu_model": model.group(1).strip() if model else "unknown",
-        "logical_cpus": os.cpu_count(),
-        "isa": isa,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # shared machine: noise
-    }
+    return describe()

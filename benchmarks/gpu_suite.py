@@ -88,28 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def machine_description() -> dict:
     """GPU, versions and host; works without CUDA (gpu is None then)."""
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe
 
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-            info["sm_count"] = props.multi_processor_count
-        else:
-            info["gpu"] = None
-    except ImportError:
-        info["torch"] = None
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
+    return describe()
 
 
 def command_line(argv=None) -> str:

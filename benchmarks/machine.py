@@ -1,32 +1,46 @@
-"""The machine description written beside every benchmark result."""
+"""The machine description written beside every benchmark result (one definition for all scripts)."""
 from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> tuple[str, list[str]]:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = open("/proc/cpuinfo").read()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown", []
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = re.search(r"flags\s*:\s*(.*)", info)
+    isa = sorted(f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "fma", "avx512f"))
+    return (model.group(1).strip() if model else "unknown"), isa
 
 
 def describe() -> dict:
+    """CPU, threads, GPU and library versions; works without CUDA (gpu is None then)."""
     import torch
 
+    cpu, isa = _cpuinfo()
     info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "isa": isa,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a shared machine is noisy
         "python": sys.version.split()[0],
+        "platform": platform.platform(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "gpu": None,
     }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    sm_count=props.multi_processor_count)
     for name in ("triton", "deepspeed", "transformers"):
         try:
             info[name] = __import__(name).__version__
@@ -36,4 +50,4 @@ def describe() -> dict:
 
 
 def command_line() -> str:
-    return " ".join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "python"] + sys.argv[1:])
+    return " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])

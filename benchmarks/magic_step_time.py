@@ -84,7 +84,7 @@ def main() -> None:
         "# Training-step time: MAGIC variants vs SPOS",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}"
+        f"Machine: {result['machine']['cpu_model']}, {result['machine']['logical_cpus']} cores, torch {result['machine']['torch']}"
         f" ({result['machine']['torch_threads']} threads)  ",
         f"Anchor challenge every {result['anchor_every']} steps (amortised in the step times).",
         "",
