@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import Config, build_space, save_config
 from .data import Corpus, build_corpus
+from .distributed import World, average_gradients, barrier, init_from_env, reduce_step_state
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
 from .metrics import MetricsLog
@@ -35,13 +37,13 @@ def micro_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
-def micro_batches(corpus: Corpus, t, step: int, device: torch.device):
+def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()):
     """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
-    functions of (seed, step, micro) only. Shared by the supernet trainer and standalone children."""
+    functions of (seed, step, micro, rank) only. Shared by the supernet trainer and standalone children."""
     for micro in range(t.grad_accum):
-        seed = micro_seed(t.seed, step, micro)
+        seed = micro_seed(t.seed, step, micro, world.rank)
         torch.manual_seed(seed)  # masking; dropout is reseeded per layer from the same seed
-        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size)
+        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size, world.rank, world.size)
         yield seed, {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
 
 
@@ -59,9 +61,13 @@ def clip_and_step(params: list, optimizer, scheduler, clip_norm: float) -> float
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA device is available")
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
     return torch.device(name)
 
 
@@ -110,12 +116,16 @@ class Trainer:
             raise UserError(f"--resume: no checkpoint at {ckpt}")
         if not resume and ckpt.is_file():
             raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-
         self.device = resolve_device(cfg.train.device)
+        self.world = init_from_env(self.device.type)
         self.space = build_space(cfg)
-        self.corpus: Corpus = build_corpus(cfg.data, self.run_dir)
+        if self.world.is_main:  # rank 0 writes the run folder; the others read its data copy
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.corpus: Corpus = build_corpus(cfg.data, self.run_dir)
+        barrier(self.world)
+        if not self.world.is_main:
+            self.corpus = build_corpus(cfg.data, self.run_dir)
         torch.manual_seed(cfg.train.seed)
         self.model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager").to(self.device)
         self.model.set_backend(cfg.kernels.backend, self.device)
@@ -135,7 +145,7 @@ class Trainer:
         self.step = 0
         if resume:
             self._load(ckpt)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None) if self.world.is_main else None
 
     # --- engine seam: a DeepSpeed engine overrides these three ---------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -143,6 +153,7 @@ class Trainer:
 
     def optimizer_step(self, arch: Arch) -> float:
         params = [p for p in self.model.child_parameters(arch) if p.grad is not None]
+        average_gradients(params, self.world)  # same child on every rank: the same params have grads
         return clip_and_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
 
     def forward_loss(self, arch: Arch, batch: dict, layer_seed: int) -> tuple[torch.Tensor, dict]:
@@ -160,7 +171,7 @@ class Trainer:
         self.model.train()
         total_loss = 0.0
         extras: dict = {}
-        for seed, batch in micro_batches(self.corpus, t, step, self.device):
+        for seed, batch in micro_batches(self.corpus, t, step, self.device, self.world):
             loss, extras = self.forward_loss(arch, batch, seed)
             self.backward(loss / t.grad_accum)
             total_loss += float(loss.detach()) / t.grad_accum
@@ -181,13 +192,15 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="pretrain", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.world.is_main), desc="pretrain",
+                   unit="step", dynamic_ncols=True)
         start_step, started = self.step, time.perf_counter()
         window_t, window_steps, status = time.perf_counter(), 0, "completed"
         last_dev: dict = {}
         try:
             while self.step < t.steps:
                 record = self.train_step(self.step)
+                record["loss"], stop = reduce_step_state(record["loss"], self._signal is not None, self.world, self.device)
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
@@ -199,14 +212,16 @@ class Trainer:
                     if self.step % t.eval_every == 0 or self.step == t.steps:
                         record["dev"] = last_dev = self.evaluate()
                         window_t = time.perf_counter()  # evaluation time is not training throughput
-                    self.metrics.write({"step": self.step, **record})
+                    if self.metrics:
+                        self.metrics.write({"step": self.step, **record})
                 if not math.isfinite(record["loss"]):
                     status = "diverged"
                     break
                 if self.step % t.ckpt_every == 0:
                     self.save_checkpoint()
-                if self._signal is not None:
-                    status = f"interrupted by {signal.Signals(self._signal).name}"
+                if stop:  # a signal on any rank stops every rank after the same step
+                    name = signal.Signals(self._signal).name if self._signal is not None else "SIGTERM"
+                    status = f"interrupted by {name}"
                     break
                 if self.stop_after is not None and self.step - start_step >= self.stop_after:
                     status = "stopped"
@@ -218,8 +233,9 @@ class Trainer:
         self.save_checkpoint()
         elapsed = time.perf_counter() - started
         summary = self._summary(status, elapsed, (self.step - start_step) * tokens_per_step, last_dev)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.metrics.close()
+        if self.metrics:
+            checkpoint.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            self.metrics.close()
         return summary
 
     def _on_signal(self, signum, frame) -> None:
@@ -252,6 +268,11 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if self.world.is_main:  # ranks hold identical weights and optimizer states
+            self._write_checkpoint()
+        barrier(self.world)
+
+    def _write_checkpoint(self) -> None:
         checkpoint.atomic_save(
             {
                 "step": self.step,
