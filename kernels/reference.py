@@ -80,14 +80,17 @@ def alignment_loss(
 ) -> torch.Tensor:
     """MAGIC-A alignment: ``sum_l mean((h_l - a_l)^2)``, the mean over real tokens and H.
 
-    Each h_l, a_l is [B, T, H]; anchors are treated as constants (detached).
+    Each h_l, a_l is [B, T, H]; anchors are treated as constants (detached). The mask is applied to
+    per-token sums ([B, T]) rather than to [B, T, H] tensors: the same value, fewer full-size passes.
     """
     total = child_hiddens[0].new_zeros((), dtype=torch.float32)
+    if token_mask is not None:
+        m = token_mask.to(torch.float32)
+        count = (m.sum() * child_hiddens[0].shape[-1]).clamp_min(1.0)
     for h, a in zip(child_hiddens, anchor_hiddens):
-        diff = (h - a.detach()).float() ** 2
         if token_mask is None:
-            total = total + diff.mean()
+            total = total + F.mse_loss(h.float(), a.detach().float())
         else:
-            m = token_mask.unsqueeze(-1).to(diff.dtype)
-            total = total + (diff * m).sum() / (m.sum() * h.shape[-1]).clamp_min(1.0)
+            per_token = (h.float() - a.detach().float()).square().sum(-1)
+            total = total + (per_token * m).sum() / count
     return total

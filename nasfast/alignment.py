@@ -46,7 +46,8 @@ def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: O
         else:
             anchor_input = model.embed(batch["input_ids"], layer_seed)
         anchor_hidden = model.run_layers(anchor_input, mask, anchor, start=start, layer_seed=layer_seed)
-    align = model.ops.alignment_loss(hidden[start:], anchor_hidden, mask)
+    align_mask = None if bool(mask.all()) else mask  # unpadded blocks (pretraining): the cheaper unmasked path
+    align = model.ops.alignment_loss(hidden[start:], anchor_hidden, align_mask)
     return AlignedOutput(out.loss, align, out.num_masked)
 
 
