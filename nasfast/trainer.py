@@ -24,7 +24,8 @@ from .data import Corpus, build_corpus
 from .distributed import World, average_gradients, barrier, init_from_env, reduce_step_state
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
-from .metrics import MetricsLog
+from .metrics import MetricsLog, read_metrics
+from .plots import training_curves
 from .alignment import AnchorTracker, aligned_forward
 from .samplers import build_sampler
 from .space import Arch
@@ -236,6 +237,7 @@ class Trainer:
         if self.metrics:
             checkpoint.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.metrics.close()
+            training_curves(self.run_dir / "curves.png", read_metrics(self.metrics.path), summary["unigram_entropy"])
         return summary
 
     def _on_signal(self, signum, frame) -> None:

@@ -26,6 +26,7 @@ def test_run_writes_metrics_summary_and_checkpoint(micro_config, tmp_path):
     saved = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert saved["dev"]["largest"]["loss"] > 0 and saved["unigram_entropy"] > 0
     assert load(tmp_path / "r" / CHECKPOINT)["step"] == 6
+    assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "r" / "data" / "tokenizer").is_dir() and (tmp_path / "r" / "config.yaml").is_file()
 
 
