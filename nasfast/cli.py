@@ -51,6 +51,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     _quiet_libraries()
     trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     summary = trainer.train()
+    if not trainer.world.is_main:
+        return 0
     print(f"{summary['status']} at step {summary['step']}/{summary['steps']} in {summary['wall_time_s']:.1f} s "
           f"({summary['tokens_per_s']:.0f} tokens/s) -> {out}")
     base = summary["unigram_entropy"]
