@@ -122,6 +122,8 @@ class Trainer:
         self.space = build_space(cfg)
         if self.world.is_main:  # rank 0 writes the run folder; the others read its data copy
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (self.run_dir / CHECKPOINT).parent.glob(".*.tmp-*"):
+                stale.unlink()  # a writer killed mid-save (SIGKILL) leaves its temp file behind
             save_config(cfg, self.run_dir / "config.yaml")
             self.corpus: Corpus = build_corpus(cfg.data, self.run_dir)
         barrier(self.world)

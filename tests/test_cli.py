@@ -89,6 +89,9 @@ def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path, micro_yaml):
         proc.wait()
         state = load(ckpt)  # must always load
         assert state["step"] >= 1 and "model" in state and "optimizer" in state
+    proc = start(micro_yaml, out, "--resume", "--stop-after", "1")  # resuming clears temp files of killed writers
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert [p.name for p in (out / CHECKPOINT).parent.iterdir()] == ["last.pt"]
 
 
 @pytest.mark.slow
