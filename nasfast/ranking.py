@@ -28,28 +28,26 @@ def _constant(values: Sequence[float]) -> bool:
     return len(set(values)) < 2
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Spearman ρ and its two-sided p-value (None when undefined, e.g. a constant input)."""
+def _correlation(test: str, key: str, x: Sequence[float], y: Sequence[float]) -> dict:
+    """A scipy.stats rank correlation and its two-sided p-value (None when undefined, e.g. a constant input)."""
     from scipy import stats
 
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError("spearman needs two sequences of equal length >= 2")
+        raise ValueError(f"{test} needs two sequences of equal length >= 2")
     if _constant(x) or _constant(y):
-        return {"rho": None, "p": None, "n": len(x)}
-    res = stats.spearmanr(x, y)
-    return {"rho": _clean(res.statistic), "p": _clean(res.pvalue), "n": len(x)}
+        return {key: None, "p": None, "n": len(x)}
+    res = getattr(stats, test)(x, y)
+    return {key: _clean(res.statistic), "p": _clean(res.pvalue), "n": len(x)}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Spearman ρ and its two-sided p-value."""
+    return _correlation("spearmanr", "rho", x, y)
 
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> dict:
     """Kendall τ-b (ties handled) and its two-sided p-value."""
-    from scipy import stats
-
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError("kendall needs two sequences of equal length >= 2")
-    if _constant(x) or _constant(y):
-        return {"tau": None, "p": None, "n": len(x)}
-    res = stats.kendalltau(x, y)
-    return {"tau": _clean(res.statistic), "p": _clean(res.pvalue), "n": len(x)}
+    return _correlation("kendalltau", "tau", x, y)
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

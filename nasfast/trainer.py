@@ -109,7 +109,7 @@ def _apex_fused_adam():
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, stop_after: Optional[int] = None, progress: bool = True):
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.stop_after, self.progress = stop_after, progress
         self._signal: Optional[int] = None
         ckpt = self.run_dir / CHECKPOINT
