@@ -51,38 +51,87 @@ def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: O
     return AlignedOutput(out.loss, align, out.num_masked)
 
 
-class AnchorTracker:
-    """The anchor child and its cached dev score (lower dev MLM loss is better).
+def anchor_init_count(init: str) -> Optional[int]:
+    """N for ``best:N`` (None for the other forms); raises ValueError for a malformed ``best:``."""
+    if not init.startswith("best:"):
+        return None
+    n = init.partition(":")[2]
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"anchor_init 'best:N' needs a positive integer N, got {init!r}")
+    return int(n)
 
-    Every ``every`` steps the current child is scored on a fixed dev subset and replaces the anchor
-    if it scores better. The anchor's score is computed once and cached, never recomputed.
+
+class AnchorTracker:
+    """The MAGIC-A anchor: a top-performing child that the sampled children are aligned with.
+
+    - Scoring: ``score(archs)`` returns the dev MLM loss of each arch on the *current* weights, on an
+      anchor-selection split disjoint from the data used for estimates and ground truth. Lower wins.
+    - Warm-up: the first ``warmup`` steps train without alignment (``anchor_for`` returns None), so
+      the initial anchor is chosen on weights that already separate good children from bad ones.
+    - Initial anchor (chosen at step ``warmup``): ``best:N`` scores N seeded random children together
+      and takes the best; ``random`` a seeded random child; ``largest`` the largest child (all
+      FFN, i.e. a child without a context operator: a poor anchor, kept for ablations); or an arch.
+    - Challenge: every ``every`` steps after the warm-up the current child challenges the anchor and
+      BOTH are scored in the same call on the same weights. A score cached when the anchor was
+      installed goes stale as the supernet improves, and then almost any challenger wins.
     """
 
-    def __init__(self, space: SearchSpace, init: str, seed: int, every: int, score: Callable[[Arch], float]):
-        self.space, self.every, self.score_fn = space, every, score
-        if init == "largest":
-            self.anchor = space.largest()
-        elif init == "random":
-            self.anchor = space.random_arch(random.Random(f"anchor:{seed}"))
+    def __init__(self, space: SearchSpace, init: str, seed: int, every: int, warmup: int,
+                 score: Callable[[Sequence[Arch]], list[float]]):
+        self.space, self.init, self.seed = space, init, seed
+        self.every, self.warmup, self.score_fn = every, warmup, score
+        self.anchor: Optional[Arch] = None
+        self.score: Optional[float] = None  # the anchor's score at its last scoring (for logs only)
+        self.challenges = self.replacements = 0
+        if init not in ("largest", "random") and anchor_init_count(init) is None:
+            self.fixed: Optional[Arch] = space.parse(init)
         else:
-            self.anchor = space.parse(init)
-        self.score: Optional[float] = None
+            self.fixed = None
+
+    def _initial(self) -> Arch:
+        rng = random.Random(f"anchor:{self.seed}")
+        if self.init == "largest":
+            return self.space.largest()
+        if self.init == "random":
+            return self.space.random_arch(rng)
+        if self.fixed is not None:
+            return self.fixed
+        n = anchor_init_count(self.init)
+        pool = list(dict.fromkeys(self.space.random_arch(rng) for _ in range(n)))  # distinct, in draw order
+        scores = self.score_fn(pool)
+        best = min(range(len(pool)), key=lambda i: scores[i])
+        self.score = scores[best]
+        return pool[best]
+
+    def anchor_for(self, step: int) -> Optional[Arch]:
+        """The anchor to align with at ``step`` (None during the warm-up); picks the initial one."""
+        if step < self.warmup:
+            return None
+        if self.anchor is None:
+            self.anchor = self._initial()
+        return self.anchor
 
     def maybe_update(self, step: int, child: Arch) -> dict:
         """Call after the optimizer step of ``step`` (0-based); returns what to log."""
-        changed = False
-        if (step + 1) % self.every == 0:
-            if self.score is None:
-                self.score = self.score_fn(self.anchor)
-            if child != self.anchor:
-                child_score = self.score_fn(child)
-                if child_score < self.score:
-                    self.anchor, self.score, changed = child, child_score, True
-        return {"anchor": self.space.arch_id(self.anchor), "anchor_score": self.score, "anchor_changed": changed}
+        changed, challenger_score = False, None
+        done = step + 1 - self.warmup
+        if self.anchor is not None and done > 0 and done % self.every == 0 and child != self.anchor:
+            self.score, challenger_score = self.score_fn([self.anchor, child])  # same weights for both
+            self.challenges += 1
+            if challenger_score < self.score:
+                self.anchor, self.score, changed = child, challenger_score, True
+                self.replacements += 1
+        return {
+            "anchor": None if self.anchor is None else self.space.arch_id(self.anchor),
+            "anchor_score": self.score, "challenger_score": challenger_score, "anchor_changed": changed,
+        }
 
     def state_dict(self) -> dict:
-        return {"anchor": list(self.anchor), "score": self.score}
+        return {"anchor": None if self.anchor is None else list(self.anchor), "score": self.score,
+                "challenges": self.challenges, "replacements": self.replacements}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Optional[dict]) -> None:
         if state:
-            self.anchor, self.score = tuple(state["anchor"]), state["score"]
+            self.anchor = None if state["anchor"] is None else tuple(state["anchor"])
+            self.score = state["score"]
+            self.challenges, self.replacements = state.get("challenges", 0), state.get("replacements", 0)

@@ -36,6 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="training steps per child (default: the run's train.steps)")
     p.add_argument("--dev-batches", type=int, help="dev batches to score on (default: every dev block)")
     p.add_argument("--limit", type=int, help="train at most this many uncached children in this call")
+    p.add_argument("--seed", type=int, help="training seed of the children: initialisation, batch order, masking "
+                                            "(default: the run's train.seed; use one --out per seed for replicates)")
     p.add_argument("--out", help="output folder (default RUN/ground_truth)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -101,6 +103,8 @@ def cmd_ground_truth(args: argparse.Namespace) -> int:
     from .runs import open_run
 
     run = open_run(args.run)
+    if args.seed is not None:
+        run = run.with_seed(args.seed)
     archs = _read_archs(run, args.archs)
     _quiet_libraries()
     out = Path(args.out) if args.out else run.path / "ground_truth"

@@ -41,6 +41,14 @@ class DataConfig:
     block_size: int = 128
     mlm_probability: float = 0.15
     dev_blocks: int = 256
+    # Of the dev blocks, the last ``anchor_blocks`` form MAGIC-A's anchor-selection split; they are
+    # never used for evaluation (estimates, ground truth, dev curves), so choosing the anchor does not
+    # peek at the data the ranking is judged on.
+    anchor_blocks: int = 0
+    # A folder with tokenizer/ and blocks.npz (e.g. a run's data/ folder): use exactly these tokens
+    # instead of tokenizing data.corpus. WordPiece training differs between machines, so this is how
+    # an experiment pins its data across machines.
+    prepared: Optional[str] = None
     cache_dir: Optional[str] = None  # tokenized-corpus cache (default $NASFAST_CACHE or ~/.cache/nasfast)
 
 
@@ -67,12 +75,16 @@ class TrainConfig:
 @dataclass
 class SamplerConfig:
     name: str = "spos"  # spos | magic-t | magic-a | magic
-    k: int = 1  # MAGIC-T: layers changed per step (1 = the paper's; layers ~ SPOS)
+    k: int = 1  # MAGIC-T: layers changed per step (1 = the paper's; k = layers forces every layer to change, not SPOS)
+    walk: str = "uniform"  # MAGIC-T: uniform | balanced (shuffled round-robin layers, least-visited candidate)
     align_weight: float = 0.1  # MAGIC-A: λ of the alignment term
-    anchor_every: int = 20  # MAGIC-A: steps between anchor challenges
-    anchor_init: str = "largest"  # MAGIC-A: largest | random | an arch string
-    anchor_dev_batches: int = 1  # MAGIC-A: dev batches that score a challenger
+    anchor_every: int = 20  # MAGIC-A: steps between anchor challenges (anchor and child re-scored together)
+    anchor_init: str = "best:8"  # MAGIC-A: best:N (best of N random children) | random | largest | an arch string
+    anchor_warmup: Optional[int] = None  # MAGIC-A: steps before the anchor is chosen and alignment starts (None: 10% of train.steps)
     prefix_sharing: bool = True  # MAGIC-A: share the child/anchor common prefix (exact)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return total_steps // 10 if self.anchor_warmup is None else self.anchor_warmup
 
 
 @dataclass
@@ -135,7 +147,16 @@ def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Keys that no longer exist, with what replaced them (a clear message instead of "unknown key").
+REMOVED_KEYS = {
+    "sampler.anchor_dev_batches": "the anchor is now scored on its own split: set data.anchor_blocks "
+                                  "(dev blocks reserved for anchor selection, disjoint from evaluation)",
+}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    if f"{section}.{key}" in REMOVED_KEYS:
+        raise UserError(f"config key '{section}.{key}' was removed: {REMOVED_KEYS[f'{section}.{key}']}")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
         raise UserError(f"unknown config section '{section}' (allowed: {', '.join(sections)})")
@@ -195,6 +216,8 @@ def validate(cfg: Config) -> None:
     need(0.0 < d.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
     need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
     need(d.dev_blocks >= 1, f"data.dev_blocks must be >= 1, got {d.dev_blocks}")
+    need(0 <= d.anchor_blocks < d.dev_blocks,
+         f"data.anchor_blocks must be in [0, data.dev_blocks={d.dev_blocks}), got {d.anchor_blocks}")
     need(d.max_chars_per_file is None or d.max_chars_per_file > 0, "data.max_chars_per_file must be positive or null")
     need(len(d.corpus) > 0, "data.corpus is empty")
     need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
@@ -219,10 +242,21 @@ def validate(cfg: Config) -> None:
     need(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
     need(sc.align_weight >= 0, f"sampler.align_weight must be >= 0, got {sc.align_weight}")
     need(sc.anchor_every > 0, f"sampler.anchor_every must be positive, got {sc.anchor_every}")
-    need(1 <= sc.anchor_dev_batches <= t.eval_batches,
-         f"sampler.anchor_dev_batches must be in [1, train.eval_batches={t.eval_batches}], got {sc.anchor_dev_batches}")
-    if sc.anchor_init not in ("largest", "random"):
+    from .alignment import anchor_init_count
+    from .samplers import WALKS
+
+    need(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
+    need(sc.anchor_warmup is None or 0 <= sc.anchor_warmup < t.steps,
+         f"sampler.anchor_warmup must be null or in [0, train.steps={t.steps}), got {sc.anchor_warmup}")
+    try:
+        is_best = anchor_init_count(sc.anchor_init) is not None
+    except ValueError as exc:
+        raise UserError(f"sampler.anchor_init: {exc}") from None
+    if sc.anchor_init not in ("largest", "random") and not is_best:
         space.parse(sc.anchor_init)  # raises UserError naming the problem
+    if SAMPLERS[sc.name].aligns:
+        need(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
+                                  "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")
 
 
 def build_space(cfg: Config):

@@ -31,6 +31,7 @@ from .errors import UserError
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEV_SPLIT_SEED = 20220717  # fixed: the dev set does not depend on the training seed
 DEV_MASK_SEED = 4242
+ANCHOR_MASK_SEED = 4243
 
 
 def corpus_files(entries: list) -> list[Path]:
@@ -128,8 +129,17 @@ class Corpus:
 
     tokenizer: object
     train_blocks: np.ndarray  # [N, block_size] int32
-    dev_blocks: np.ndarray
+    dev_blocks: np.ndarray  # evaluation dev split (estimates, ground truth, dev curves)
     mlm_probability: float
+    anchor_blocks: Optional[np.ndarray] = None  # MAGIC-A anchor-selection split, disjoint from dev_blocks
+
+    def reserve_anchor_split(self, n: int) -> "Corpus":
+        """Move the last ``n`` dev blocks into the anchor-selection split (no-op for n = 0)."""
+        if n > 0:
+            if n >= len(self.dev_blocks):
+                raise UserError(f"data.anchor_blocks={n} leaves no dev blocks (the data has {len(self.dev_blocks)})")
+            self.dev_blocks, self.anchor_blocks = self.dev_blocks[:-n], self.dev_blocks[-n:]
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -168,6 +178,18 @@ class Corpus:
         finally:
             torch.random.set_rng_state(state)
 
+    def anchor_batches(self, batch_size: int) -> list[dict]:
+        """Every anchor-selection block, pre-masked with its own fixed seed (same masks for all children)."""
+        if self.anchor_blocks is None or len(self.anchor_blocks) == 0:
+            raise UserError("no anchor-selection split: set data.anchor_blocks")
+        state = torch.random.get_rng_state()
+        torch.manual_seed(ANCHOR_MASK_SEED)
+        try:
+            blocks = self.anchor_blocks
+            return [self.collate(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
+        finally:
+            torch.random.set_rng_state(state)
+
     def unigram_entropy(self, dev: list[dict]) -> float:
         """Cross-entropy (nats) of the dev masked tokens under the train unigram distribution (add-one)."""
         counts = np.bincount(self.train_blocks.ravel(), minlength=self.vocab_size).astype(np.float64) + 1.0
@@ -179,7 +201,7 @@ class Corpus:
 def _data_key(cfg: DataConfig, files: list[Path]) -> str:
     """Content key of a tokenized corpus: the data settings and each file's name, size and mtime."""
     stamp = [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("mlm_probability", "cache_dir")}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("mlm_probability", "cache_dir", "anchor_blocks", "prepared")}
     return hashlib.sha256(json.dumps([fields, stamp], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -212,9 +234,29 @@ def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None) -> Corpus:
     same data settings on a machine use the same tokenizer (reproducible runs, comparable children)
     and skips the rebuild; the run folder keeps its own copy so a run never depends on the cache.
     """
+    return _build_corpus(cfg, run_dir).reserve_anchor_split(cfg.anchor_blocks)
+
+
+def _load_prepared(cfg: DataConfig) -> Corpus:
+    folder = Path(cfg.prepared).expanduser()
+    if not (folder / "blocks.npz").is_file() or not (folder / "tokenizer").is_dir():
+        raise UserError(f"data.prepared: {folder} has no blocks.npz and tokenizer/ (a run's data/ folder has both)")
+    corpus = _load(folder, cfg.mlm_probability)
+    width = corpus.train_blocks.shape[1]
+    if width != cfg.block_size:
+        raise UserError(f"data.prepared: {folder} holds blocks of {width} tokens but data.block_size is {cfg.block_size}")
+    return corpus
+
+
+def _build_corpus(cfg: DataConfig, run_dir: Optional[Path]) -> Corpus:
     data_dir = run_dir / "data" if run_dir else None
     if data_dir is not None and (data_dir / "blocks.npz").is_file():
         return _load(data_dir, cfg.mlm_probability)
+    if cfg.prepared is not None:
+        corpus = _load_prepared(cfg)
+        if data_dir is not None:
+            shutil.copytree(Path(cfg.prepared).expanduser(), data_dir, dirs_exist_ok=True)
+        return corpus
     files = corpus_files(cfg.corpus)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     cached = cache / "corpus" / _data_key(cfg, files)

@@ -166,12 +166,54 @@ def summarize(pairs: list[dict], D: int) -> list[dict]:
     return rows
 
 
+def partial_spearman_given_groups(x: Sequence[float], y: Sequence[float], groups: Sequence[int]) -> dict:
+    """Spearman correlation of x and y controlling for a categorical variable (here the distance d).
+
+    Ranks of x and y are centred within each group and the residuals correlated (Pearson), so a
+    correlation that exists only *between* distances (both similarity and gradient cosine fall with
+    d) does not count. p-value from the t distribution with n - 1 - groups degrees of freedom.
+    """
+    import numpy as np
+    from scipy import stats
+
+    x, y, g = np.asarray(x, float), np.asarray(y, float), np.asarray(groups)
+    levels = np.unique(g)
+    n, dof = len(x), len(x) - 1 - len(levels)
+    if dof < 1:
+        return {"rho": None, "p": None, "n": n}
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    for level in levels:
+        at = g == level
+        rx[at] -= rx[at].mean()
+        ry[at] -= ry[at].mean()
+    if not rx.any() or not ry.any():
+        return {"rho": None, "p": None, "n": n}
+    rho = float(np.dot(rx, ry) / np.sqrt(np.dot(rx, rx) * np.dot(ry, ry)))
+    t = rho * np.sqrt(dof / max(1e-300, 1.0 - rho * rho))
+    return {"rho": rho, "p": float(2 * stats.t.sf(abs(t), dof)), "n": n}
+
+
 def correlations(pairs: list[dict]) -> dict:
-    """Spearman(d, grad cos) (paper: negative) and Spearman(input/output sim, grad cos) (paper: positive)."""
+    """Spearman(d, grad cos) (paper: negative) and Spearman(input/output sim, grad cos) (paper: positive).
+
+    Observation 2 is confounded by distance: pairs that differ in more layers have both less similar
+    inputs/outputs and less similar gradients. So besides the pooled correlation, each similarity is
+    also reported per distance (``*_by_distance``) and as a partial Spearman given d (``*_given_d``);
+    only the latter two speak for observation 2 itself.
+    """
     out = {}
     for key, name in (("distance", "distance_vs_grad_cos"), ("input_sim", "input_sim_vs_grad_cos"), ("output_sim", "output_sim_vs_grad_cos")):
         ok = [p for p in pairs if p[key] is not None and p["grad_cos"] is not None]
         out[name] = spearman([p[key] for p in ok], [p["grad_cos"] for p in ok]) if len(ok) >= 2 else {"rho": None, "p": None, "n": len(ok)}
+        if key == "distance":
+            continue
+        out[f"{name}_given_d"] = partial_spearman_given_groups(
+            [p[key] for p in ok], [p["grad_cos"] for p in ok], [p["distance"] for p in ok])
+        per_d = {}
+        for d in sorted({p["distance"] for p in ok}):
+            at = [p for p in ok if p["distance"] == d]
+            per_d[str(d)] = spearman([p[key] for p in at], [p["grad_cos"] for p in at]) if len(at) >= 3 else {"rho": None, "p": None, "n": len(at)}
+        out[f"{name}_by_distance"] = per_d
     return out
 
 
@@ -209,4 +251,9 @@ def format_report(report: dict) -> str:
                                 ("output_sim_vs_grad_cos", "Spearman(output sim, grad cos)", "paper: > 0")):
         r = c[name]
         lines.append(f"{label:<31} rho = {fmt(r['rho'], '+.3f')}  p = {fmt(r['p'], '.3g')}  n = {r['n']}  ({expect})")
+        if f"{name}_given_d" in c:
+            g = c[f"{name}_given_d"]
+            lines.append(f"{'  ... controlling for d':<31} rho = {fmt(g['rho'], '+.3f')}  p = {fmt(g['p'], '.3g')}  (partial Spearman)")
+            per_d = "  ".join(f"d={d}: {fmt(v['rho'], '+.2f')}" for d, v in c[f"{name}_by_distance"].items())
+            lines.append(f"{'  ... within each d':<31} {per_d}")
     return "\n".join(lines)

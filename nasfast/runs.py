@@ -5,6 +5,8 @@ commands read the data from the run folder itself so the tokenizer and blocks ar
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,12 @@ class Run:
         if num_batches <= 0:
             raise UserError(f"the number of dev batches must be positive, got {num_batches}")
         return self.corpus.dev_batches(bs, num_batches)
+
+    def with_seed(self, seed: int) -> "Run":
+        """The same run with another train.seed (ground-truth replicates: init, batch order, masking)."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.seed = seed
+        return dataclasses.replace(self, cfg=cfg)
 
     def supernet(self):
         """The supernet with the checkpoint's weights, in eval mode (dropout off)."""

@@ -135,20 +135,24 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         t = cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-        self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k)
+        self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k, walk=cfg.sampler.walk)
         self.dev = self.corpus.dev_batches(t.batch_size, t.eval_batches)
-        self.anchor: Optional[AnchorTracker] = None
-        if self.sampler.aligns:
-            anchor_dev = self.dev[: cfg.sampler.anchor_dev_batches]
-            self.anchor = AnchorTracker(
-                self.space, cfg.sampler.anchor_init, t.seed, cfg.sampler.anchor_every,
-                score=lambda arch: evaluate_child(self.model, arch, anchor_dev, self.device)["loss"],
-            )
+        self.anchor = self._build_anchor() if self.sampler.aligns else None
         self.eval_children = representative_children(self.space, t.eval_random_children)
         self.step = 0
         if resume:
             self._load(ckpt)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None) if self.world.is_main else None
+
+    def _build_anchor(self) -> AnchorTracker:
+        """MAGIC-A's anchor, scored on the anchor-selection split (disjoint from self.dev)."""
+        sc, t = self.cfg.sampler, self.cfg.train
+        anchor_data = self.corpus.anchor_batches(t.batch_size)
+
+        def score(archs):
+            return [evaluate_child(self.model, arch, anchor_data, self.device)["loss"] for arch in archs]
+
+        return AnchorTracker(self.space, sc.anchor_init, t.seed, sc.anchor_every, sc.warmup_steps(t.steps), score=score)
 
     # --- engine seam: a DeepSpeed engine overrides these three ---------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -159,23 +163,26 @@ class Trainer:
         average_gradients(params, self.world)  # same child on every rank: the same params have grads
         return clip_and_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
 
-    def forward_loss(self, arch: Arch, batch: dict, layer_seed: int) -> tuple[torch.Tensor, dict]:
+    def forward_loss(self, arch: Arch, batch: dict, layer_seed: int, anchor: Optional[Arch] = None) -> tuple[torch.Tensor, dict]:
         sc = self.cfg.sampler
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-            if self.anchor is None:
-                return self.model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss, {}
-            out = aligned_forward(self.model, batch, arch, self.anchor.anchor, layer_seed, sc.prefix_sharing)
+            if anchor is None:
+                loss = self.model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss
+                extras = {} if self.anchor is None else {"mlm_loss": float(loss.detach()), "align_loss": 0.0}
+                return loss, extras  # no anchor (yet): MAGIC-A's warm-up trains plain MLM
+            out = aligned_forward(self.model, batch, arch, anchor, layer_seed, sc.prefix_sharing)
         return out.mlm_loss + sc.align_weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()), "align_loss": float(out.align_loss.detach())}
 
     # --- one training step ---------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         t = self.cfg.train
         arch = self.sampler.sample(step)
+        anchor = self.anchor.anchor_for(step) if self.anchor is not None else None
         self.model.train()
         total_loss = 0.0
         extras: dict = {}
         for seed, batch in micro_batches(self.corpus, t, step, self.device, self.world):
-            loss, extras = self.forward_loss(arch, batch, seed)
+            loss, extras = self.forward_loss(arch, batch, seed, anchor)
             self.backward(loss / t.grad_accum)
             total_loss += float(loss.detach()) / t.grad_accum
         lr = self.scheduler.get_last_lr()[0]

@@ -167,6 +167,13 @@ def test_evaluate_ground_truth_rank_end_to_end(micro_run, run, capsys):
     truth = json.loads((gt / "ground_truth.json").read_text())
     assert truth["complete"] and [x["arch"] for x in truth["results"]] == ARCHS and truth["dev"] == est["dev"]
     assert all(x["steps"] == 3 and x["loss"] > 0 for x in truth["results"])
+    # a replicate seed: its own protocol (seed pinned), different losses, same dev set
+    assert main(["ground-truth", "--run", str(r), "--archs", archs, "--steps", "3", "--dev-batches", "2", "--seed", "7",
+                 "--out", str(micro_run / "gt7"), "--no-progress"]) == 0
+    rep = json.loads((micro_run / "gt7" / "ground_truth.json").read_text())
+    assert rep["protocol"]["train"]["seed"] == 7 and truth["protocol"]["train"]["seed"] != 7 and rep["dev"] == truth["dev"]
+    assert [x["loss"] for x in rep["results"]] != [x["loss"] for x in truth["results"]]
+    capsys.readouterr()
 
     assert main(["rank", "--estimates", str(r / "estimates.json"), "--truth", str(gt), "--out", str(micro_run / "rank")]) == 0
     printed = capsys.readouterr().out
@@ -219,7 +226,8 @@ def test_interference_command(micro_run, capsys):
         assert p["changed_before"] + p["changed_after"] == p["distance"] and -1 <= p["grad_cos"] <= 1
         if p["changed_before"] == 0:
             assert p["input_sim"] == 1.0 == p["output_sim"]
-    assert set(report["correlations"]) == {"distance_vs_grad_cos", "input_sim_vs_grad_cos", "output_sim_vs_grad_cos"}
+    assert {"distance_vs_grad_cos", "input_sim_vs_grad_cos", "output_sim_vs_grad_cos", "input_sim_vs_grad_cos_given_d",
+            "output_sim_vs_grad_cos_by_distance"} <= set(report["correlations"])
     assert (out / "grad_cos_vs_distance.png").is_file() and (out / "grad_cos_vs_similarity.png").is_file()
     # the same seed samples the same pairs
     assert main(argv + ["--out", str(micro_run / "interf2")]) == 0
@@ -243,3 +251,27 @@ def test_bad_inputs_exit_2_with_one_line(micro_run, tmp_path, capsys):
     expect_error(capsys, ["rank", "--estimates", missing, "--truth", missing], "results file not found")
     expect_error(capsys, ["sample-archs", "--config", str(micro_run / "micro.yaml"), "--n", "999", "--out", str(tmp_path / "a")],
                  "more than the 216 children")
+
+
+def test_observation2_controls_for_distance():
+    """Similarity and grad cos both fall with d but are unrelated within each d: pooled Spearman is
+    strongly positive, the partial one given d is not; a real within-d relation is detected."""
+    import numpy as np
+
+    from nasfast.interference import correlations
+
+    rng = np.random.default_rng()
+    pairs = []
+    for d in (1, 2, 3):
+        for _ in range(40):
+            sim, noise = rng.normal(-d, 0.3), rng.normal(-d, 0.3)
+            pairs.append({"distance": d, "input_sim": float(sim), "output_sim": float(sim + rng.normal(0, 0.05)),
+                          "grad_cos": float(noise)})
+    c = correlations(pairs)
+    assert c["input_sim_vs_grad_cos"]["rho"] > 0.6 and c["input_sim_vs_grad_cos"]["p"] < 1e-6
+    assert abs(c["input_sim_vs_grad_cos_given_d"]["rho"]) < 0.3
+    assert all(abs(v["rho"]) < 0.5 for v in c["input_sim_vs_grad_cos_by_distance"].values())
+    for p in pairs:  # now make grad cos follow similarity within each d
+        p["grad_cos"] = p["input_sim"] + float(rng.normal(0, 0.05))
+    c = correlations(pairs)
+    assert c["input_sim_vs_grad_cos_given_d"]["rho"] > 0.8 and c["input_sim_vs_grad_cos_given_d"]["p"] < 1e-6

@@ -41,6 +41,25 @@ def test_tokenizer_saved_in_run_folder_and_reloaded(tmp_path, micro_config):
     assert np.array_equal(first.dev_blocks, again.dev_blocks)
 
 
+def test_prepared_data_pins_tokens_across_corpus_settings(tmp_path, micro_config):
+    """data.prepared uses exactly a saved tokenizer + blocks (how an experiment pins its data)."""
+    import dataclasses
+
+    from nasfast.errors import UserError
+
+    first = build_corpus(micro_config.data, tmp_path / "a")
+    pinned = dataclasses.replace(micro_config.data, prepared=str(tmp_path / "a" / "data"), corpus=[str(tmp_path / "missing.txt")],
+                                 vocab_size=999, cache_dir=str(tmp_path / "empty-cache"))
+    again = build_corpus(pinned, tmp_path / "b")
+    assert np.array_equal(first.train_blocks, again.train_blocks) and np.array_equal(first.dev_blocks, again.dev_blocks)
+    assert (tmp_path / "b" / "data" / "blocks.npz").read_bytes() == (tmp_path / "a" / "data" / "blocks.npz").read_bytes()
+    assert not (tmp_path / "empty-cache").exists()  # nothing was tokenized
+    with pytest.raises(UserError, match="blocks of 32 tokens"):
+        build_corpus(dataclasses.replace(pinned, block_size=16))
+    with pytest.raises(UserError, match="has no blocks.npz"):
+        build_corpus(dataclasses.replace(pinned, prepared=str(tmp_path)))
+
+
 def test_masking_rate_and_labels(micro_corpus):
     torch.manual_seed(0)
     batch = micro_corpus.collate(micro_corpus.train_blocks[:64])

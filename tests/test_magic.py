@@ -104,27 +104,138 @@ def test_prefix_sharing_equals_naive_two_forward(micro_space, child, anchor):
             assert torch.equal(ga[name], gb[name]), name
 
 
-def test_anchor_tracker_caches_score_and_keeps_the_best(micro_space):
-    calls = []
-    scores = {}
+class DriftingScores:
+    """Child quality q(arch) is fixed, but every score also falls as the supernet trains (a drift per
+    optimizer step), as dev losses do. A score cached at install time goes stale under this drift."""
 
-    def score(arch):
-        calls.append(arch)
-        return scores.setdefault(arch, random.Random(str(arch)).random())
+    def __init__(self):
+        self.version = 0  # bumped once per training step: the "weights"
+        self.calls: list[tuple[int, tuple]] = []
 
-    tracker = AnchorTracker(micro_space, "largest", seed=0, every=2, score=score)
+    def quality(self, arch) -> float:
+        return random.Random(str(arch)).random()
+
+    def __call__(self, archs):
+        self.calls.append((self.version, tuple(archs)))
+        return [self.quality(a) - 0.05 * self.version for a in archs]
+
+
+def test_anchor_challenge_scores_anchor_and_child_on_the_same_weights(micro_space):
+    scores = DriftingScores()
+    tracker = AnchorTracker(micro_space, "random", seed=0, every=2, warmup=0, score=scores)
     rng = random.Random(0)
-    for step in range(40):
+    for step in range(60):
         child = micro_space.random_arch(rng)
+        assert tracker.anchor_for(step) is not None
         before = tracker.anchor
         info = tracker.maybe_update(step, child)
-        if info["anchor_changed"]:
-            assert scores[child] < scores[before] and tracker.anchor == child
-        if tracker.score is not None:
-            assert tracker.score == scores[tracker.anchor]
-    assert calls.count(micro_space.largest()) == 1  # the anchor's own score is never recomputed
-    assert len(calls) == 1 + 20  # one challenge every 2 steps
-    assert tracker.anchor != micro_space.largest()
+        scores.version += 1
+        if (step + 1) % 2 == 0 and child != before:
+            version, archs = scores.calls[-1]
+            assert archs == (before, child) and version == step  # both scored in one call, same weights
+            # the anchor is the better of the two by true quality: drift cannot let a worse child win
+            winner = min((before, child), key=scores.quality)
+            assert tracker.anchor == winner and info["anchor_changed"] == (winner == child)
+    assert tracker.challenges == 30 and 0 < tracker.replacements < 30
+
+
+def test_anchor_warmup_then_best_of_n(micro_space):
+    scores = DriftingScores()
+    tracker = AnchorTracker(micro_space, "best:6", seed=3, every=5, warmup=4, score=scores)
+    for step in range(4):
+        assert tracker.anchor_for(step) is None
+        assert tracker.maybe_update(step, micro_space.largest())["anchor"] is None
+    anchor = tracker.anchor_for(4)
+    version, pool = scores.calls[-1]
+    assert len(pool) == 6 and anchor == min(pool, key=scores.quality)
+    # challenges count from the end of the warm-up: the first one after step 4 + 5
+    n = len(scores.calls)
+    for step in range(4, 9):
+        tracker.maybe_update(step, micro_space.smallest())
+    assert len(scores.calls) == n + 1
+    # state round-trip
+    other = AnchorTracker(micro_space, "best:6", seed=3, every=5, warmup=4, score=scores)
+    other.load_state_dict(tracker.state_dict())
+    assert other.anchor_for(9) == tracker.anchor_for(9) and other.challenges == tracker.challenges
+
+
+def test_anchor_split_is_disjoint_from_evaluation_dev(micro_config, tmp_path):
+    from nasfast.data import build_corpus
+
+    micro_config.data.anchor_blocks = 5
+    corpus = build_corpus(micro_config.data)
+    assert len(corpus.dev_blocks) == micro_config.data.dev_blocks - 5 and len(corpus.anchor_blocks) == 5
+    dev = {bytes(b) for b in corpus.dev_blocks}
+    assert not any(bytes(b) in dev for b in corpus.anchor_blocks)
+    assert not any(bytes(b) in {bytes(t) for t in corpus.train_blocks} for b in corpus.anchor_blocks)
+    batches = corpus.anchor_batches(2)
+    assert sum(len(b["input_ids"]) for b in batches) == 5
+    assert torch.equal(batches[0]["labels"], corpus.anchor_batches(2)[0]["labels"])  # fixed masks
+
+
+def test_magic_a_requires_an_anchor_split(micro_config):
+    from nasfast.config import load_config
+    from nasfast.errors import UserError
+    from conftest import MICRO_OVERRIDES
+
+    with pytest.raises(UserError, match="data.anchor_blocks"):
+        load_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a"])
+    with pytest.raises(UserError, match="anchor_dev_batches' was removed"):
+        load_config(None, MICRO_OVERRIDES + ["sampler.anchor_dev_batches=2"])
+    with pytest.raises(UserError, match="best:N"):
+        load_config(None, MICRO_OVERRIDES + ["sampler.anchor_init=best:x"])
+    load_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a", "data.anchor_blocks=4"])
+
+
+def test_trainer_anchor_uses_the_anchor_split(micro_config, tmp_path):
+    micro_config.sampler.name = "magic-a"
+    micro_config.data.anchor_blocks = 4
+    micro_config.sampler.anchor_warmup = 2
+    micro_config.sampler.anchor_every = 2
+    trainer = Trainer(micro_config, tmp_path / "r", progress=False)
+    seen = []
+    score = trainer.anchor.score_fn
+    trainer.anchor.score_fn = lambda archs: seen.append(list(archs)) or score(archs)
+    trainer.train()
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["anchor"] is None for r in rows[:2]] == [True, True] and all(r["anchor"] for r in rows[2:])
+    assert len(seen[0]) == 8  # best:8 picks the initial anchor once, after the warm-up
+    assert all(len(c) == 2 for c in seen[1:]) and len(seen) >= 2
+    assert {bytes(b) for b in trainer.corpus.anchor_blocks}.isdisjoint({bytes(b) for b in trainer.corpus.dev_blocks})
+
+
+def test_balanced_walk_one_change_per_step_and_even_coverage(micro_space):
+    steps = 1200
+    balanced = build_sampler("magic-t", micro_space, seed=2, walk="balanced")
+    uniform = build_sampler("magic-t", micro_space, seed=2)
+    counts = {}
+    for name, sampler in (("balanced", balanced), ("uniform", uniform)):
+        children = [sampler.sample(s) for s in range(steps)]
+        assert all(hamming(a, b) == 1 for a, b in zip(children, children[1:]))
+        c = [[0] * len(micro_space.candidates) for _ in range(micro_space.num_layers)]
+        for child in children:
+            for layer, cand in enumerate(child):
+                c[layer][cand] += 1
+        counts[name] = [x for row in c for x in row]
+    even = steps / len(micro_space.candidates)
+    # every (layer, candidate) within 10% of an even share (the bound: a visit lasts 1..2L-1 steps)
+    assert max(abs(x - even) for x in counts["balanced"]) <= 0.1 * even
+    assert max(counts["balanced"]) / min(counts["balanced"]) < max(counts["uniform"]) / min(counts["uniform"])
+    # still a pure function of (seed, step), and the state survives a checkpoint
+    fresh = build_sampler("magic-t", micro_space, seed=2, walk="balanced")
+    assert [fresh.sample(s) for s in (700, 5, 1199)] == [balanced.sample(s) for s in (700, 5, 1199)]
+    resumed = build_sampler("magic-t", micro_space, seed=2, walk="balanced")
+    balanced.sample(300)
+    resumed.load_state_dict(balanced.state_dict())
+    assert [resumed.sample(s) for s in range(301, 340)] == [balanced.sample(s) for s in range(301, 340)]
+    # not a short cycle: the walk reaches (nearly) every child of the 216-child space
+    assert len({balanced.sample(s) for s in range(steps)}) > 0.9 * micro_space.size
+
+
+def test_balanced_walk_with_k_changes_k_layers(micro_space):
+    sampler = build_sampler("magic-t", micro_space, seed=4, k=2, walk="balanced")
+    children = [sampler.sample(s) for s in range(200)]
+    assert all(hamming(a, b) == 2 for a, b in zip(children, children[1:]))
 
 
 def test_magic_resume_is_bitwise_identical(micro_config, tmp_path):
@@ -132,6 +243,7 @@ def test_magic_resume_is_bitwise_identical(micro_config, tmp_path):
     micro_config.sampler.anchor_every = 1
     micro_config.sampler.anchor_init = "random"
     micro_config.sampler.align_weight = 0.5
+    micro_config.data.anchor_blocks = 4
     Trainer(micro_config, tmp_path / "a", progress=False).train()
     Trainer(micro_config, tmp_path / "b", progress=False, stop_after=3).train()
     Trainer(micro_config, tmp_path / "b", resume=True, progress=False).train()
