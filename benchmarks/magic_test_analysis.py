@@ -144,7 +144,9 @@ def plots(results: Path, report: dict, est: dict, truth_hard: dict, hard: list[s
     import matplotlib.pyplot as plt
 
     # τ by sampler (hard set), seeds as dots, mean ± SE as bars
-    names = [n for n in report["tau_by_config"] if report["tau_by_config"][n]["hard"]["per_seed"]]
+    order = {n: i for i, n in enumerate(MAIN)}
+    names = sorted((n for n in report["tau_by_config"] if report["tau_by_config"][n]["hard"]["per_seed"]),
+                   key=lambda n: (order.get(n, len(order)), n))
     if names:
         fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) + 1), 3.8))
         for i, n in enumerate(names):
