@@ -21,8 +21,8 @@ from .checkpointer import Stateful
 from .config import Config
 from .distributed import World, average_gradients
 from .errors import UserError
-from .samplers import SAMPLERS
 from .optim import build_optimizer, build_scheduler, clip_and_step, retarget_schedule
+from .samplers import SAMPLERS
 from .space import Arch
 
 
