@@ -59,12 +59,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     print(f"{summary['status']} at step {summary['step']}/{summary['steps']} in {summary['wall_time_s']:.1f} s "
           f"({summary['tokens_per_s']:.0f} tokens/s) -> {out}")
-    base = summary["unigram_entropy"]
-    for name, r in summary["dev"].items():
-        print(f"  dev {name:<9} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
     if summary["status"] == "diverged":
         print(f"nasfast pretrain: diverged: {summary['message']}", file=sys.stderr)
         return 1
+    base = summary["unigram_entropy"]
+    for name, r in summary["dev"].items():
+        print(f"  dev {name:<9} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
     if summary["status"].startswith("interrupted"):
         return 130 if "SIGINT" in summary["status"] else 143
     return 0 if summary["status"] in ("completed", "stopped") else 1

@@ -17,9 +17,11 @@ def kill_point(name: str) -> None:
     spec = os.environ.get("NASFAST_KILL_AT")
     if not spec:
         return
-    target, _, count = spec.partition(":")
+    target, _, count = spec.rpartition(":")
+    if not count.isdigit():  # no count given (names may contain ':')
+        target, count = spec, "1"
     if name != target:
         return
     _seen[name] = _seen.get(name, 0) + 1
-    if _seen[name] == int(count or 1):
+    if _seen[name] == int(count):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -101,17 +101,15 @@ class RunFolder:
 
     def open(self, resume: bool) -> None:
         """Check the path, take the lock (writer), and check that a checkpoint exists iff ``resume``."""
-        self._check_checkpoint(resume)  # before creating anything
+        if resume and not self.checkpoint.is_file():  # before creating anything
+            raise UserError(f"--resume: no checkpoint at {self.checkpoint}")
         if self.writer:
             check_output_dir(self.path, "--out")
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create --out {self.path}: {exc.strerror or exc}") from None
-            self._lock()
-            self._check_checkpoint(resume)  # again under the lock: another writer may have just made one
-
-    def _check_checkpoint(self, resume: bool) -> None:
+            self._lock()  # first: "in use by pid N" says more than what a running writer has written so far
         has_checkpoint = self.checkpoint.is_file()
         if resume and not has_checkpoint:
             raise UserError(f"--resume: no checkpoint at {self.checkpoint}")
