@@ -205,27 +205,10 @@ class Trainer:
                 return self._finish_completed()
             tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
             log = TrainLogger(t, tokens_per_step, self.step, self.metrics, self.progress and self.world.is_main)
-            start_step, status = self.step, "completed"
             self.clock.start()
-            with StopSignals() as signals:
+            with StopSignals() as signals:  # also while the last checkpoint and the summary are written
                 try:
-                    while self.step < t.steps:
-                        record = self.train_step(self.step)
-                        record["loss"], stop = reduce_step_state(record["loss"], signals.received is not None, self.world, self.device)
-                        self.step += 1
-                        self.clock.tokens += tokens_per_step
-                        log.step(self.step, record, self.evaluate)
-                        self._check_finite(record)
-                        if self.step % t.ckpt_every == 0:
-                            self.save_checkpoint(log)
-                        if stop:  # a signal on any rank stops every rank after the same step
-                            status = f"interrupted by {signal.Signals(signals.received or signal.SIGTERM).name}"
-                            break
-                        if self.stop_after is not None and self.step - start_step >= self.stop_after:
-                            status = "stopped"
-                            break
-                    if self.checkpointer.last_step != self.step:
-                        self.save_checkpoint(log)
+                    status = self._loop(log, signals)
                 except Diverged as exc:
                     status, self.diverged = "diverged", str(exc)
                 self.clock.stop()
@@ -234,6 +217,28 @@ class Trainer:
                 return self._finish(status, log.last_dev)
         finally:
             self.folder.release()
+
+    def _loop(self, log: TrainLogger, signals: StopSignals) -> str:
+        """Train until the last step, a signal or --stop-after, checkpoint, and return the status."""
+        t, start_step, status = self.cfg.train, self.step, "completed"
+        while self.step < t.steps:
+            record = self.train_step(self.step)
+            record["loss"], stop = reduce_step_state(record["loss"], signals.received is not None, self.world, self.device)
+            self.step += 1
+            self.clock.tokens += log.throughput.tokens_per_step
+            log.step(self.step, record, self.evaluate)
+            self._check_finite(record)
+            if self.step % t.ckpt_every == 0:
+                self.save_checkpoint(log)
+            if stop:  # a signal on any rank stops every rank after the same step
+                status = f"interrupted by {signal.Signals(signals.received or signal.SIGTERM).name}"
+                break
+            if self.stop_after is not None and self.step - start_step >= self.stop_after:
+                status = "stopped"
+                break
+        if self.checkpointer.last_step != self.step:
+            self.save_checkpoint(log)
+        return status
 
     def _check_finite(self, record: dict) -> None:
         for key in ("loss", "grad_norm"):
