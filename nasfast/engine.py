@@ -134,3 +134,8 @@ class PlainEngine:
         f = self.scheduler.lr_lambdas[0]
         return any(g["lr"] != base * f(self.scheduler.last_epoch)
                    for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world: World, device: torch.device) -> Engine:
+    """The engine for this run (where a DeepSpeed engine will be chosen, from its own config section)."""
+    return PlainEngine(model, cfg, world, device)

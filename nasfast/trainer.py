@@ -23,7 +23,7 @@ from .checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from .config import Config, build_space
 from .data import Corpus, build_corpus
 from .distributed import World, barrier, init_from_env, reduce_step_state
-from .engine import Engine, PlainEngine, check_backend, resolve_device
+from .engine import Engine, build_engine, check_backend, resolve_device
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
 from .faults import kill_point
@@ -130,7 +130,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager").to(self.device)
         model.set_backend(cfg.kernels.backend, self.device)
-        self.engine: Engine = PlainEngine(model, cfg, self.world, self.device)
+        self.engine: Engine = build_engine(model, cfg, self.world, self.device)
         self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k, walk=cfg.sampler.walk)
         self.dev = self.corpus.dev_batches(t.batch_size, t.eval_batches)
         self.anchor = self._build_anchor() if self.sampler.aligns else None

@@ -1,7 +1,6 @@
 """Every bad input of the run-folder issue ends in one line on stderr and exit 2, never a traceback."""
 import gzip
 import json
-import os
 import random
 import signal
 import time
