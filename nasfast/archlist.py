@@ -13,11 +13,11 @@ POOL_PER_ARCH = 200  # random candidates drawn per requested child before strati
 
 def read_archs(path: str | Path, space: SearchSpace) -> list[Arch]:
     """Parse an arch list; blank lines and ``#`` comments are skipped, duplicates dropped (order kept)."""
+    from .files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"arch list not found: {path}")
     archs: list[Arch] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "arch list").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

@@ -13,6 +13,8 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from .faults import kill_point
+
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write`` into a temp file beside ``path``, fsync, rename over it, fsync the folder."""
@@ -24,6 +26,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        kill_point(f"before-rename:{path.name}")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -46,6 +49,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def load(path: Path) -> dict:
+    """The raw checkpoint dict, unchecked (``nasfast.checkpointer.read_checkpoint`` validates it)."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import UserError
+from .errors import BUG_REPORT, UserError
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -33,17 +34,17 @@ def _quiet_libraries() -> None:
 @command("pretrain")
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .runfolder import resume_config
     from .trainer import Trainer
 
     out = Path(args.out)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
     overrides = list(args.set or [])
     if args.sampler:
         overrides.append(f"sampler.name={args.sampler}")
     if args.resume:
-        saved = out / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} not found")
-        cfg = load_config(saved, overrides)
+        cfg = resume_config(out, args.config, overrides)
     else:
         if not args.config:
             raise UserError("pretrain needs --config (or --resume with an existing --out)")
@@ -53,14 +54,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     summary = trainer.train()
     if not trainer.world.is_main:
         return 0
+    if summary.get("already_completed"):
+        print(f"already completed at step {summary['step']}/{summary['steps']}; nothing to do (summary.json kept) -> {out}")
+        return 0
     print(f"{summary['status']} at step {summary['step']}/{summary['steps']} in {summary['wall_time_s']:.1f} s "
           f"({summary['tokens_per_s']:.0f} tokens/s) -> {out}")
+    if summary["status"] == "diverged":
+        print(f"nasfast pretrain: diverged: {summary['message']}", file=sys.stderr)
+        return 1
     base = summary["unigram_entropy"]
     for name, r in summary["dev"].items():
         print(f"  dev {name:<9} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
     if summary["status"].startswith("interrupted"):
         return 130 if "SIGINT" in summary["status"] else 143
     return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+def _count(n: int) -> str:
+    """A count in scientific notation, also beyond float range (a space of 9^600 children)."""
+    try:
+        return f"{float(n):.3e}"
+    except OverflowError:
+        digits = str(n)
+        return f"{digits[0]}.{digits[1:4]}e+{len(digits) - 1}"
 
 
 @command("space")
@@ -72,7 +88,7 @@ def cmd_space(args: argparse.Namespace) -> int:
     space = build_space(cfg)
     vocab, T = cfg.data.vocab_size, cfg.data.block_size
     archs = [space.parse(a) for a in args.arch] if args.arch else [space.smallest(), space.largest()]
-    print(f"{space.num_layers} layers x {len(space.candidates)} candidates ({', '.join(space.names)}): {space.size:.3e} children")
+    print(f"{space.num_layers} layers x {len(space.candidates)} candidates ({', '.join(space.names)}): {_count(space.size)} children")
     for arch in archs:
         print(f"{space.arch_id(arch)}  params={child_num_params(space, arch, vocab, cfg.model.max_len):,}  "
               f"flops/seq(T={T})={child_forward_flops(space, arch, vocab, T):,}")
@@ -104,16 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"nasfast {args.command}: error: {exc}", file=sys.stderr)
+        _error(argv, f"error: {exc}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training starts (during training it stops the run cleanly)
+        _error(argv, "interrupted")
+        return 130
+    except OSError as exc:  # the file system refused (disk full, permissions): the environment, not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(argv, f"error: {exc.strerror or exc}{where}")
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            _error(argv, "error: out of device memory; lower train.batch_size (raise train.grad_accum to keep the batch)")
+            return 2
+        traceback.print_exc()
+        _error(argv, f"internal error ({type(exc).__name__}): this is a bug in nasfast, not in your input; "
+                     f"please report it with the traceback above to {BUG_REPORT}")
+        return 1
+
+
+def _error(argv: Optional[list[str]], message: str) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if a in COMMANDS), None)
+    print(f"nasfast {command + ': ' if command else ''}{message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .cli import _quiet_libraries, command
 from .errors import UserError
+from .files import check_output_dir, check_output_file
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +75,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
     interference.check_request(run.space, args.layer, args.candidate, args.distances)  # before loading weights
     if args.batches < 1:
         raise UserError(f"--batches must be >= 1, got {args.batches}")
+    safe = args.candidate.replace(":", "")
+    out = check_output_dir(args.out if args.out else run.path / "interference" / f"layer{args.layer}-{safe}", "--out")
     _quiet_libraries()
     model = run.supernet()
     report = interference.measure(
@@ -82,8 +85,6 @@ def cmd_interference(args: argparse.Namespace) -> int:
         seed=args.seed, progress=not args.no_progress,
     )
     report["run"] = str(run.path)
-    safe = args.candidate.replace(":", "")
-    out = Path(args.out) if args.out else run.path / "interference" / f"layer{args.layer}-{safe}"
     paths = interference.write_report(report, out)
     print(interference.format_report(report))
     print(f"-> {paths['json']}, {paths['distance_png'].name}, {paths['similarity_png'].name}")
@@ -106,8 +107,8 @@ def cmd_ground_truth(args: argparse.Namespace) -> int:
     if args.seed is not None:
         run = run.with_seed(args.seed)
     archs = _read_archs(run, args.archs)
+    out = check_output_dir(args.out if args.out else run.path / "ground_truth", "--out")
     _quiet_libraries()
-    out = Path(args.out) if args.out else run.path / "ground_truth"
     res = run_ground_truth(run, archs, out, steps=args.steps, dev_batches=args.dev_batches, limit=args.limit,
                            progress=not args.no_progress)
     print(f"{len(res['computed'])} trained, {len(res['cached'])} cached, {len(res['remaining'])} remaining "
@@ -127,9 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = open_run(args.run)
     archs = _read_archs(run, args.archs)
+    out = check_output_file(args.out if args.out else run.path / "estimates.json", "--out")
     _quiet_libraries()
     res = inherited_estimates(run, archs, args.dev_batches, progress=not args.no_progress)
-    out = Path(args.out) if args.out else run.path / "estimates.json"
     atomic_write_text(out, json.dumps(res, indent=2))
     for r in res["results"]:
         print(f"  loss {r['loss']:.3f}  acc {r['accuracy']:.3f}  params {r['params']:>10,}  {r['arch']}")
@@ -144,10 +145,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .ranking import check_same_dev, fmt, load_results, rank_correlation
 
     estimates, truth = load_results(args.estimates), load_results(args.truth)
+    out = check_output_dir(args.out if args.out else Path(args.estimates).parent, "--out")
     res = rank_correlation(estimates, truth, args.metric)
     res["estimates"], res["truth"] = str(args.estimates), str(args.truth)
     check_same_dev(res)
-    out = Path(args.out) if args.out else Path(args.estimates).parent
     atomic_write_text(out / "rank.json", json.dumps(res, indent=2))
     k, s = res["kendall"], res["spearman"]
     title = f"{args.metric}: Kendall τ = {fmt(k['tau'])}, Spearman ρ = {fmt(s['rho'])} (n = {k['n']})"
@@ -170,6 +171,7 @@ def cmd_sample_archs(args: argparse.Namespace) -> int:
     from .supernet import child_num_params
 
     cfg = load_config(args.config, args.set)
+    check_output_file(args.out, "--out")
     space = build_space(cfg)
     params = lambda a: child_num_params(space, a, cfg.data.vocab_size, cfg.model.max_len)  # noqa: E731
     archs = stratified_archs(space, args.n, args.seed, params)

@@ -5,6 +5,7 @@ Validated once at start-up; every problem raises UserError naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if annotation in (bool, "bool"):
         if not isinstance(value, bool):
@@ -171,11 +174,14 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
     """Defaults <- YAML file <- ``--set section.key=value`` overrides, then validate."""
     cfg = Config()
     if path is not None:
+        from .files import read_text
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"config file not found: {path}")
+        text = read_text(path, "config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
@@ -212,6 +218,8 @@ def validate(cfg: Config) -> None:
     need(m.hidden > 0, f"model.hidden must be positive, got {m.hidden}")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     need(m.max_len >= d.block_size, f"model.max_len ({m.max_len}) must be >= data.block_size ({d.block_size})")
+    need(m.layer_norm_eps > 0, f"model.layer_norm_eps must be positive, got {m.layer_norm_eps}")
+    need(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     need(d.block_size >= 8, f"data.block_size must be >= 8, got {d.block_size}")
     need(0.0 < d.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
     need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
@@ -257,6 +265,12 @@ def validate(cfg: Config) -> None:
     if SAMPLERS[sc.name].aligns:
         need(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
                                   "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")
+    from .samplers import build_sampler
+
+    try:  # what a sampler itself requires of the space (e.g. MAGIC-T: two candidates to move between)
+        build_sampler(sc.name, space, t.seed, k=sc.k, walk=sc.walk)
+    except ValueError as exc:
+        raise UserError(f"sampler.name={sc.name}: {exc}") from None
 
 
 def build_space(cfg: Config):

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -17,6 +18,8 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,12 +29,26 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .errors import UserError
+from .errors import UserError, warn
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEV_SPLIT_SEED = 20220717  # fixed: the dev set does not depend on the training seed
 DEV_MASK_SEED = 4242
 ANCHOR_MASK_SEED = 4243
+# Share of a corpus file's bytes that may fail to decode as UTF-8 (each becomes U+FFFD, with a
+# warning); above it the file is refused: it is binary or in another encoding (latin-1, cp1252).
+MAX_UNDECODABLE_SHARE = 0.01
+
+_undecodable = [0]
+
+
+def _count_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """Like errors="replace" (one U+FFFD per bad sequence), counting the bytes replaced."""
+    _undecodable[0] += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("nasfast-count", _count_undecodable)
 
 
 def corpus_files(entries: list) -> list[Path]:
@@ -59,20 +76,33 @@ def read_lines(files: list[Path], max_chars_per_file: Optional[int]) -> list[str
     for path in files:
         opener = gzip.open if path.name.endswith(".gz") else open
         budget = max_chars_per_file if max_chars_per_file is not None else math.inf
+        _undecodable[0], chars = 0, 0
         try:
-            with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            with opener(path, "rt", encoding="utf-8", errors="nasfast-count") as fh:
                 for line in fh:
+                    chars += len(line)
                     line = line.strip()
                     if line:
                         lines.append(line)
                         budget -= len(line)
                         if budget <= 0:
                             break
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"cannot read corpus file {path}: {exc}") from None
+        _check_decoding(path, _undecodable[0], chars)
     if not lines:
         raise UserError(f"the corpus is empty (files: {', '.join(str(f) for f in files)})")
     return lines
+
+
+def _check_decoding(path: Path, bad: int, chars: int) -> None:
+    if not bad:
+        return
+    share = bad / max(chars, 1)
+    if share > MAX_UNDECODABLE_SHARE:
+        raise UserError(f"corpus file {path} is not UTF-8 text: {share:.1%} of it does not decode (binary, or another "
+                        f"encoding such as latin-1?); convert it (e.g. iconv -f latin1 -t utf-8) or leave it out")
+    warn(f"corpus file {path}: {bad} bytes ({share:.3%}) are not UTF-8 and were replaced by U+FFFD")
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool):
@@ -207,34 +237,70 @@ def _data_key(cfg: DataConfig, files: list[Path]) -> str:
 
 def _save(folder: Path, tokenizer, train: np.ndarray, dev: np.ndarray) -> None:
     """Write tokenizer + blocks into a temp folder, then rename it into place (atomic)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    np.savez(tmp / "blocks.npz", train=train, dev=dev)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        np.savez(tmp / "blocks.npz", train=train, dev=dev)
+    except OSError as exc:
+        raise UserError(f"cannot write the data cache {folder.parent.parent}: {exc.strerror or exc} "
+                        "(set data.cache_dir or $NASFAST_CACHE to a writable folder)") from None
     try:
         tmp.rename(folder)
     except OSError:  # another process won the race; its copy is identical in purpose
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _install(cached: Path, data_dir: Path) -> None:
+    """Copy the cached corpus into the run folder as data/, replacing an old one, via a temp folder."""
+    for stale in data_dir.parent.glob(f".{data_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    shutil.copytree(cached, tmp)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    tmp.rename(data_dir)
+
+
 def _load(folder: Path, mlm_probability: float) -> Corpus:
-    saved = np.load(folder / "blocks.npz")
-    return Corpus(load_tokenizer(folder / "tokenizer"), saved["train"], saved["dev"], mlm_probability)
+    blocks = folder / "blocks.npz"
+    try:
+        with np.load(blocks) as saved:
+            train, dev = saved["train"], saved["dev"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{blocks} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:80]})") from None
+    try:
+        tokenizer = load_tokenizer(folder / "tokenizer")
+    except Exception as exc:  # transformers/tokenizers raise many types for a damaged folder
+        raise UserError(f"the tokenizer in {folder / 'tokenizer'} cannot be loaded ({type(exc).__name__})") from None
+    return Corpus(tokenizer, train, dev, mlm_probability)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("NASFAST_CACHE", Path.home() / ".cache" / "nasfast"))
 
 
-def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None) -> Corpus:
+def _cache_root(cfg: DataConfig) -> Path:
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cache.exists() and not cache.is_dir():
+        key = "data.cache_dir" if cfg.cache_dir else "$NASFAST_CACHE (or ~/.cache/nasfast)"
+        raise UserError(f"{key} {cache} is a file; it must be a folder")
+    return cache
+
+
+def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None, fresh: bool = False, require: bool = False) -> Corpus:
     """Tokenizer and blocks for a run: from the run folder, else from the data cache, else built.
+
+    ``fresh``: a new run; a data/ folder already in ``run_dir`` (left by a start killed before its
+    first checkpoint) is replaced, never reused, since its settings may differ. ``require``: the run's
+    own data/ must be there (a resume: nothing else is guaranteed to reproduce its tokenizer).
 
     WordPiece training in ``tokenizers`` breaks ties in hash-map order, so two trainings on the same
     text can give different vocabularies. Caching the result by content key makes every run with the
     same data settings on a machine use the same tokenizer (reproducible runs, comparable children)
     and skips the rebuild; the run folder keeps its own copy so a run never depends on the cache.
     """
-    return _build_corpus(cfg, run_dir).reserve_anchor_split(cfg.anchor_blocks)
+    return _build_corpus(cfg, run_dir, fresh, require).reserve_anchor_split(cfg.anchor_blocks)
 
 
 def _load_prepared(cfg: DataConfig) -> Corpus:
@@ -248,18 +314,20 @@ def _load_prepared(cfg: DataConfig) -> Corpus:
     return corpus
 
 
-def _build_corpus(cfg: DataConfig, run_dir: Optional[Path]) -> Corpus:
-    data_dir = run_dir / "data" if run_dir else None
-    if data_dir is not None and (data_dir / "blocks.npz").is_file():
-        return _load(data_dir, cfg.mlm_probability)
+def _build_corpus(cfg: DataConfig, run_dir: Optional[Path], fresh: bool, require: bool) -> Corpus:
+    data_dir = Path(run_dir) / "data" if run_dir else None
+    if data_dir is not None and not fresh:
+        if (data_dir / "blocks.npz").is_file():
+            return _load(data_dir, cfg.mlm_probability)
+        if require:
+            raise UserError(f"run {run_dir} has no data/blocks.npz: its tokenizer and blocks are gone")
     if cfg.prepared is not None:
         corpus = _load_prepared(cfg)
         if data_dir is not None:
-            shutil.copytree(Path(cfg.prepared).expanduser(), data_dir, dirs_exist_ok=True)
+            _install(Path(cfg.prepared).expanduser(), data_dir)
         return corpus
     files = corpus_files(cfg.corpus)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    cached = cache / "corpus" / _data_key(cfg, files)
+    cached = _cache_root(cfg) / "corpus" / _data_key(cfg, files)
     if not (cached / "blocks.npz").is_file():
         lines = read_lines(files, cfg.max_chars_per_file)
         tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.lowercase)
@@ -270,5 +338,5 @@ def _build_corpus(cfg: DataConfig, run_dir: Optional[Path]) -> Corpus:
         dev, train = blocks[perm[: cfg.dev_blocks]], blocks[np.sort(perm[cfg.dev_blocks :])]
         _save(cached, tokenizer, train, dev)
     if data_dir is not None:
-        shutil.copytree(cached, data_dir, dirs_exist_ok=True)
+        _install(cached, data_dir)
     return _load(cached, cfg.mlm_probability)

@@ -60,15 +60,17 @@ def load_results(path: str | Path) -> dict:
         path = path / "ground_truth.json"
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
+    from .files import read_text
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "results file"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise UserError(f"{path} has no 'results' list (expected output of nasfast evaluate or ground-truth)")
     for i, r in enumerate(data["results"]):
-        if not isinstance(r, dict) or "arch" not in r or not all(isinstance(r.get(m), (int, float)) for m in METRICS):
-            raise UserError(f"{path}: result {i} needs 'arch', 'loss' and 'accuracy'")
+        if not isinstance(r, dict) or not isinstance(r.get("arch"), str) or not all(isinstance(r.get(m), (int, float)) for m in METRICS):
+            raise UserError(f"{path}: result {i} needs 'arch' (an arch string), 'loss' and 'accuracy' (numbers)")
     return data
 
 

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint
+from .checkpointer import CHECKPOINT, load_model_state, read_checkpoint
 from .config import Config, build_space, load_config
 from .data import Corpus, build_corpus
+from .engine import check_backend, resolve_device
 from .errors import UserError
 from .space import SearchSpace
-from .trainer import CHECKPOINT, resolve_device
 
 
 @dataclass
@@ -52,8 +52,10 @@ class Run:
         ckpt = self.path / CHECKPOINT
         if not ckpt.is_file():
             raise UserError(f"run {self.path} has no checkpoint at {ckpt}")
+        check_backend(self.cfg.kernels.backend, self.device)
+        state = read_checkpoint(ckpt)
         model = Supernet(self.cfg.model, self.space, self.corpus.vocab_size, backend="eager")
-        model.load_state_dict(checkpoint.load(ckpt)["model"])
+        load_model_state(model, state["model"], ckpt)
         model.set_backend(self.cfg.kernels.backend, self.device)
         return model.to(self.device).eval()
 
@@ -67,7 +69,7 @@ def open_run(path: str | Path, device: Optional[str] = None) -> Run:
     if not (path / "data" / "blocks.npz").is_file():
         raise UserError(f"run {path} has no data folder (data/blocks.npz)")
     cfg = load_config(path / "config.yaml")
-    corpus = build_corpus(cfg.data, path)
+    corpus = build_corpus(cfg.data, path, require=True)
     return Run(path, cfg, build_space(cfg), corpus, resolve_device(device or cfg.train.device))
 
 

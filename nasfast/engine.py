@@ -1,0 +1,141 @@
+"""The engine seam: what the training loop asks of a training backend.
+
+The loop (trainer.py) picks the child, the batches and the seeds, and decides when to log, evaluate,
+checkpoint and stop. An engine owns the model's numerics: the forward pass and loss, backward,
+gradient averaging across ranks, the optimizer step, and which objects hold its state.
+``PlainEngine`` is PyTorch (one process, or data-parallel ranks with one coalesced all-reduce); a
+DeepSpeed engine implements the same methods (``deepspeed.initialize`` wrapping the same Supernet,
+``engine.backward``, ``engine.step``) and hands its state to the same Checkpointer, which is where the
+run-folder guarantees (atomic, never non-finite, validated on load) live for both.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Protocol
+
+import torch
+
+from .alignment import aligned_forward
+from .checkpointer import Stateful
+from .config import Config
+from .distributed import World, average_gradients
+from .errors import UserError
+from .optim import build_optimizer, build_scheduler, clip_and_step, retarget_schedule
+from .samplers import SAMPLERS
+from .space import Arch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available")
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(name)
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """Fail at start-up, with the reason, if ``kernels.backend`` cannot run on ``device``."""
+    from .backend import get_ops
+
+    if name == "auto":  # falls back to eager (with a warning) by itself
+        return
+    try:
+        get_ops(name, device)
+    except (RuntimeError, ImportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"kernels.backend={name} cannot run here: {reason}") from None
+
+
+class Engine(Protocol):
+    """What the loop calls; every method runs on every rank."""
+
+    model: torch.nn.Module
+
+    def forward_loss(self, arch: Arch, batch: dict, layer_seed: int, anchor: Optional[Arch]) -> tuple[torch.Tensor, dict]:
+        """Loss of child ``arch`` on one micro-batch (plus MAGIC-A alignment to ``anchor``), and what to log."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def average_gradients(self, params: list) -> None:
+        """Average the gradients of ``params`` over data-parallel ranks."""
+
+    def optimizer_step(self, arch: Arch) -> float:
+        """Average, clip and apply the child's gradients; returns the gradient norm. A non-finite norm
+        must leave weights and optimizer state unchanged (the loop then stops the run)."""
+
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+
+    def states(self) -> dict[str, Stateful]:
+        """The engine's stateful parts, in load order, for the Checkpointer."""
+
+    def after_load(self, cfg: Config) -> None:
+        """Apply resume-time changes (``train.lr``, ``train.steps``) on top of the loaded state."""
+
+
+def child_loss(model, cfg: Config, arch: Arch, batch: dict, layer_seed: int, anchor: Optional[Arch]) -> tuple[torch.Tensor, dict]:
+    """MLM loss of ``arch``; with an anchor, + λ · alignment of its hidden states to the anchor's."""
+    sc = cfg.sampler
+    if anchor is None:
+        loss = model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss
+        extras = {"mlm_loss": float(loss.detach()), "align_loss": 0.0} if SAMPLERS[sc.name].aligns else {}
+        return loss, extras  # no anchor (yet): MAGIC-A's warm-up trains plain MLM
+    out = aligned_forward(model, batch, arch, anchor, layer_seed, sc.prefix_sharing)
+    return out.mlm_loss + sc.align_weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()),
+                                                             "align_loss": float(out.align_loss.detach())}
+
+
+class PlainEngine:
+    """PyTorch AdamW over the child's parameters; bf16 by autocast; ranks average child gradients."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, world: World, device: torch.device):
+        self.model, self.cfg, self.world, self.device = model, cfg, world, device
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def autocast(self):
+        if not self.cfg.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def forward_loss(self, arch: Arch, batch: dict, layer_seed: int, anchor: Optional[Arch]) -> tuple[torch.Tensor, dict]:
+        with self.autocast():
+            return child_loss(self.model, self.cfg, arch, batch, layer_seed, anchor)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def average_gradients(self, params: list) -> None:
+        average_gradients(params, self.world)
+
+    def optimizer_step(self, arch: Arch) -> float:
+        params = [p for p in self.model.child_parameters(arch) if p.grad is not None]
+        self.average_gradients(params)  # same child on every rank: the same params have grads
+        return clip_and_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_norm, skip_nonfinite=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def states(self) -> dict[str, Stateful]:
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def after_load(self, cfg: Config) -> None:
+        saved_lr = self.scheduler.base_lrs[0]
+        if cfg.train.lr != saved_lr or self._schedule_changed():
+            retarget_schedule(self.optimizer, self.scheduler, cfg.train.lr)
+
+    def _schedule_changed(self) -> bool:
+        """Did the loaded LR differ from what this config's schedule gives at the resumed step?"""
+        f = self.scheduler.lr_lambdas[0]
+        return any(g["lr"] != base * f(self.scheduler.last_epoch)
+                   for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world: World, device: torch.device) -> Engine:
+    """The engine for this run (where a DeepSpeed engine will be chosen, from its own config section)."""
+    return PlainEngine(model, cfg, world, device)
