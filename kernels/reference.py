@@ -79,9 +79,11 @@ def check_alignment_shapes(child_hiddens: Sequence[torch.Tensor], anchor_hiddens
     Layers of different shapes would make "the mean over real tokens" ambiguous (one token count, or
     one per layer?), so every backend refuses them with this same error.
     """
-    shapes = {tuple(t.shape) for t in (*child_hiddens, *anchor_hiddens)}
-    if len(shapes) > 1:
-        raise ValueError(f"alignment_loss: all hiddens must have the same shape, got {sorted(shapes)}")
+    tensors = [*child_hiddens, *anchor_hiddens]
+    for t in tensors[1:]:  # == on shapes, not hashing: also works on symbolic shapes while tracing
+        if t.shape != tensors[0].shape:
+            raise ValueError("alignment_loss: all hiddens must have the same shape, got "
+                             f"{list(tensors[0].shape)} and {list(t.shape)}")
 
 
 def alignment_loss(
