@@ -463,17 +463,18 @@ def layout_cases(dtype: torch.dtype = torch.float32) -> List[CaseSpec]:
 
 
 def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: int, dtype: torch.dtype,
-                 device, seed: int = 0, k: int = 5, dropout: float = 0.1):
+                 device, seed: int = 0, k: int = 5, dropout: float = 0.1, keep_mask: bool = True):
     """Realistic-size inputs for timing one op: (shape string, differentiable leaves, call(ops, *leaves)).
 
-    Masks are ``lengths`` padding (T/2..T); dropout uses an explicit keep mask so every backend does
-    the same work. Shared by the GPU suite and the CPU benchmarks.
+    Masks are ``lengths`` padding (T/2..T). Dropout (training) uses an explicit keep mask when
+    ``keep_mask`` (every backend does the same work), else each op draws its own pattern.
+    Shared by the GPU suite and the CPU benchmarks; values are drawn in ``dtype`` (no float64 copy).
     """
     if op == "bias_gelu":
         spec = CaseSpec(op, B=B, T=T, H=ffn, dtype=dtype, seed=seed)
         shape = f"x[{B},{T},{ffn}]"
     elif op == "add_dropout_layernorm":
-        spec = CaseSpec(op, B=B, T=T, H=H, dtype=dtype, dropout=dropout, seed=seed)
+        spec = CaseSpec(op, B=B, T=T, H=H, dtype=dtype, dropout=dropout if keep_mask else 0.0, seed=seed)
         shape = f"x[{B},{T},{H}] p={dropout:g}"
     elif op == "dwconv_bias_gelu":
         spec = CaseSpec(op, B=B, T=T, H=H, k=k, dtype=dtype, mask="lengths", seed=seed)
@@ -492,6 +493,8 @@ def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: 
     def call(ops, *xs):
         it = iter(xs)
         args = [fixed[i] if i in fixed else next(it) for i in range(len(ins))]
+        if op == "add_dropout_layernorm" and not keep_mask:
+            return ops.add_dropout_layernorm(*args, dropout, True)
         return case.call(ops, *args)
 
     return shape, leaves, call

@@ -51,6 +51,8 @@ def dwconv_bias_gelu(
     if token_mask is not None:
         x = x * token_mask.unsqueeze(-1).to(torch.bool).to(x.dtype)
     k = weight.shape[-1]
+    if x.shape[1] == 0:  # conv1d refuses an empty sequence; the result is empty as well
+        return F.gelu(x + bias)
     y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k // 2, groups=x.shape[-1])
     return F.gelu(y.transpose(1, 2))
 
