@@ -89,7 +89,8 @@ class CaseSpec:
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
         if self.mask is not None:
-            parts.append(f"mask={self.mask}" + ("" if self.mask_dtype == torch.bool else f"/{str(self.mask_dtype)[6:]}"))
+            mdt = "" if self.mask_dtype == torch.bool else "/" + str(self.mask_dtype).split(".")[-1]
+            parts.append(f"mask={self.mask}{mdt}")
         if self.dropout:
             parts.append(f"p={self.dropout:g}")
         lays = [f"{n}:{lay}" for n, lay in zip(self.arg_names(), self.layouts) if lay != "contiguous"]
@@ -212,7 +213,8 @@ class Case:
     out_names: List[str] = field(default_factory=list)
     allowance: Optional[dict] = None  # documented_bound()'s cache
 
-    def tensors(self, dtype: Optional[torch.dtype] = None, laid_out: bool = True, grad: bool = True) -> List[torch.Tensor]:
+    def tensors(self, dtype: Optional[torch.dtype] = None, laid_out: bool = True,
+                grad: bool = True) -> List[torch.Tensor]:
         """Fresh inputs: floats in ``dtype`` (default: the spec's), with the spec's layouts if ``laid_out``;
         the differentiable ones are leaves that require grad when ``grad``."""
         dtype = dtype or self.spec.dtype
@@ -262,7 +264,9 @@ def build(spec: CaseSpec, device: torch.device | str = "cpu", exact: bool = True
         if p > 0:
             values.append(torch.rand(B, T, H, generator=gen) >= p)
             diff.append(False)
-            call = lambda ops, x, r, w, b, keep: ops.add_dropout_layernorm(x, r, w, b, p, True, 1e-5, keep)  # noqa: E731
+
+            def call(ops, x, r, w, b, keep):
+                return ops.add_dropout_layernorm(x, r, w, b, p, True, 1e-5, keep)
         else:
             call = lambda ops, x, r, w, b: ops.add_dropout_layernorm(x, r, w, b, 0.0, True, 1e-5)  # noqa: E731
         out_names = ["y", "dx", "dresidual", "dweight", "dbias"]
@@ -450,7 +454,8 @@ def layout_cases(dtype: torch.dtype = torch.float32) -> List[CaseSpec]:
             out.append(replace(base, dtype=dtype, layouts=lays, seed=len(out)))
     # regressions: issue repros (strided LayerNorm weight/bias and dwconv bias) and edge sizes
     out += [
-        CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dtype=dtype, layouts=("contiguous", "contiguous", "strided", "strided")),
+        CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dtype=dtype,
+                 layouts=("contiguous", "contiguous", "strided", "strided")),
         CaseSpec("dwconv_bias_gelu", B=2, T=5, H=40, k=3, dtype=dtype, layouts=("contiguous", "contiguous", "strided")),
         CaseSpec("dwconv_bias_gelu", B=2, T=3, H=17, k=9, dtype=dtype, mask="last"),  # kernel wider than T
         CaseSpec("attention", B=2, heads=2, T=7, dh=16, dtype=dtype, scale=5.0, mask="first"),

@@ -91,7 +91,7 @@ def micro_yaml(tmp_path, micro_config) -> Path:
 try:
     from hypothesis import settings as _hyp_settings
 
-    _hyp_settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+    _hyp_settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None,
                                    print_blob=True)
     _hyp_settings.register_profile("deep", max_examples=400, deadline=None, database=None, print_blob=True)
     _hyp_settings.load_profile(os.environ.get("NASFAST_HYPOTHESIS_PROFILE", "ci"))

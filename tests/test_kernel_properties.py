@@ -48,6 +48,16 @@ DEV = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPR
 BACKENDS = ("triton", "native")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: with several threads, OpenMP barriers dominate (and on a busy machine, a
+    float64 or float16 depthwise conv1d of a few thousand elements took seconds instead of ~1 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def backend_ops(name: str):
     """The module implementing backend ``name``, or skip with the reason it cannot run here."""
     if name == "triton":
