@@ -192,6 +192,8 @@ def dwconv_backward(dy, x, weight, bias, token_mask):
     """Returns (dx, dweight, dbias)."""
     x2, tm, n, t, h, k = _prep(x, weight, token_mask)
     bias = bias.contiguous()
+    if n == 0:  # empty batch or sequence: nothing to launch, zero parameter gradients
+        return x.new_empty(x.shape), weight.new_zeros(weight.shape), bias.new_zeros(bias.shape)
     dy2 = dy.reshape(n, h)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
@@ -212,11 +214,10 @@ def dwconv_backward(dy, x, weight, bias, token_mask):
         ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
     )
     dx = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n:
-        _dwconv_bwd_dx_kernel[(triton.cdiv(n, block_m), col_blocks)](
-            dz, tm_arg, weight, dx, n, t, h, dx.stride(0), weight.stride(0), weight.stride(1),
-            ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
-        )
+    _dwconv_bwd_dx_kernel[(triton.cdiv(n, block_m), col_blocks)](
+        dz, tm_arg, weight, dx, n, t, h, dx.stride(0), weight.stride(0), weight.stride(1),
+        ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
+    )
     dweight = dw_part[:, :k].sum(0).t().contiguous().to(weight.dtype)
     return dx.reshape(x.shape), dweight, db_part.sum(0).to(bias.dtype)
 
