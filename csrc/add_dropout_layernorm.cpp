@@ -163,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
                          dx.data_ptr<scalar_t>(), dres.data_ptr<scalar_t>(), parts, ch, H, drop);
   });
   at::Tensor both = sum_partials(parts, ch.count, 2 * H, w.options());
-  return {dx, dres, both.narrow(0, 0, H).view(w_.sizes()), both.narrow(0, H, H).view(w_.sizes())};
+  // dbias is cloned, not a view into `both` (a storage offset would contradict the op's fake)
+  return {dx, dres, both.narrow(0, 0, H).view(w_.sizes()), both.narrow(0, H, H).view(w_.sizes()).clone()};
 }
 
 }  // namespace

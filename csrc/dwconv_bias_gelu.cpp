@@ -151,7 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
                          dx.data_ptr<scalar_t>(), parts, ch);
   });
   at::Tensor both = sum_partials(parts, ch.count, (k + 1) * H, w_.options());
-  return {dx, both.narrow(0, 0, k * H).view({k, H}).t().contiguous(), both.narrow(0, k * H, H).view(b_.sizes())};
+  // fresh tensors, not views into `both` (a storage offset would contradict the op's fake)
+  return {dx, both.narrow(0, 0, k * H).view({k, H}).t().contiguous(),
+          both.narrow(0, k * H, H).view(b_.sizes()).clone()};
 }
 
 }  // namespace

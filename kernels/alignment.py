@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nasfast.kernels._common import NAMESPACE, acc_torch_dtype, acc_type, pow2, row_block, tile_budget
+from nasfast.kernels.reference import check_alignment_shapes
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -66,6 +67,7 @@ def alignment_forward(child: Sequence[torch.Tensor], anchor: Sequence[torch.Tens
     """Returns (loss, [dloss/dchild_l] or [])."""
     if len(child) != len(anchor) or not child:
         raise ValueError("alignment_loss needs as many anchor as child hidden states (at least one)")
+    check_alignment_shapes(child, anchor)  # one count for all layers is right only for one shape
     h = child[0].shape[-1]
     device = child[0].device
     acc_t = acc_torch_dtype(*child, *anchor)
@@ -76,7 +78,7 @@ def alignment_forward(child: Sequence[torch.Tensor], anchor: Sequence[torch.Tens
         tm = tm.view(torch.int8)
     else:
         tm = None
-        count = torch.full((), child[0].numel(), dtype=acc_t, device=device)
+        count = torch.full((), child[0].numel(), dtype=acc_t, device=device)  # all layers share the shape
     inv = (1.0 / count.clamp_min(1.0)).reshape(1)
     grads: List[torch.Tensor] = []
     parts = []
@@ -109,8 +111,9 @@ def _fwd_op(child: List[torch.Tensor], anchor: List[torch.Tensor], token_mask: O
 
 @_fwd_op.register_fake
 def _(child, anchor, token_mask, need_grad):
+    check_alignment_shapes(child, anchor)
     loss = child[0].new_empty((), dtype=acc_torch_dtype(*child, *anchor))
-    return loss, [torch.empty_like(c) for c in child] if need_grad else []
+    return loss, [c.new_empty(c.shape) for c in child] if need_grad else []
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,5 +142,6 @@ def alignment_loss(
     child = list(child_hiddens)
     anchor = [a.detach() for a in anchor_hiddens][: len(child)]
     child = child[: len(anchor)]  # zip() semantics of the reference
+    check_alignment_shapes(child, anchor)  # before the custom op, so the error is the reference's
     need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in child)
     return _fwd_op(child, anchor, token_mask, need_grad)[0]

@@ -126,7 +126,8 @@ def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 @_bias_gelu_fwd_op.register_fake
 def _(x, bias):
-    return torch.empty_like(x, dtype=torch.result_type(x, bias))
+    # the real op returns a fresh contiguous tensor whatever x's strides; so must the fake
+    return x.new_empty(x.shape, dtype=torch.result_type(x, bias))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::bias_gelu_bwd", mutates_args=())
@@ -136,7 +137,7 @@ def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> 
 
 @_bias_gelu_bwd_op.register_fake
 def _(dy, x, bias):
-    return torch.empty_like(x), torch.empty_like(bias)
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -54,7 +54,7 @@ def _dwconv_fwd_kernel(
     X,          # pointer, [N, H] input rows (N = B * T), last dim contiguous
     TM,         # pointer, [N] int8 token mask (1 = real token); read only when HAS_MASK
     W,          # pointer, [H, K] depthwise weights
-    BIAS,       # pointer, [H] bias
+    BIAS,       # pointer, [H] bias (contiguous)
     Y,          # pointer, [N, H] output
     N,          # int, rows (B * T)
     T,          # int, sequence length
@@ -86,7 +86,7 @@ def _dwconv_bwd_dz_kernel(
     X,          # pointer, [N, H] saved input
     TM,         # pointer, [N] int8 token mask (HAS_MASK)
     W,          # pointer, [H, K] weights
-    BIAS,       # pointer, [H] bias
+    BIAS,       # pointer, [H] bias (contiguous)
     DZ,         # pointer, [N, H] ACC output: gradient of the pre-activation
     DW_PART,    # pointer, [chunks, BLOCK_K, H] ACC output: partial dweight (tap-major)
     DB_PART,    # pointer, [chunks, H] ACC output: partial dbias
@@ -174,6 +174,7 @@ def _blocks(h: int, k: int, n: int):
 
 def dwconv_forward(x, weight, bias, token_mask):
     x2, tm, n, t, h, k = _prep(x, weight, token_mask)
+    bias = bias.contiguous()  # the kernels read BIAS + col (a view may be strided); W's strides are passed
     y = torch.empty((n, h), dtype=torch.result_type(x, weight), device=x.device)
     if n == 0:
         return y.reshape(x.shape)
@@ -190,6 +191,9 @@ def dwconv_forward(x, weight, bias, token_mask):
 def dwconv_backward(dy, x, weight, bias, token_mask):
     """Returns (dx, dweight, dbias)."""
     x2, tm, n, t, h, k = _prep(x, weight, token_mask)
+    bias = bias.contiguous()
+    if n == 0:  # empty batch or sequence: nothing to launch, zero parameter gradients
+        return x.new_empty(x.shape), weight.new_zeros(weight.shape), bias.new_zeros(bias.shape)
     dy2 = dy.reshape(n, h)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
@@ -210,11 +214,10 @@ def dwconv_backward(dy, x, weight, bias, token_mask):
         ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
     )
     dx = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n:
-        _dwconv_bwd_dx_kernel[(triton.cdiv(n, block_m), col_blocks)](
-            dz, tm_arg, weight, dx, n, t, h, dx.stride(0), weight.stride(0), weight.stride(1),
-            ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
-        )
+    _dwconv_bwd_dx_kernel[(triton.cdiv(n, block_m), col_blocks)](
+        dz, tm_arg, weight, dx, n, t, h, dx.stride(0), weight.stride(0), weight.stride(1),
+        ACC=acc, HAS_MASK=tm is not None, K=k, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_H=block_h,
+    )
     dweight = dw_part[:, :k].sum(0).t().contiguous().to(weight.dtype)
     return dx.reshape(x.shape), dweight, db_part.sum(0).to(bias.dtype)
 
@@ -227,7 +230,8 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_mas
 
 @_fwd_op.register_fake
 def _(x, weight, bias, token_mask):
-    return torch.empty_like(x, dtype=torch.result_type(x, weight))
+    # the real op returns a fresh contiguous tensor whatever x's strides; so must the fake
+    return x.new_empty(x.shape, dtype=torch.result_type(x, weight))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::dwconv_bias_gelu_bwd", mutates_args=())
@@ -238,7 +242,7 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 @_bwd_op.register_fake
 def _(dy, x, weight, bias, token_mask):
-    return torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(bias)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -56,8 +56,8 @@ def _load_z(X, RES, KEEP, SEED, rows, cols, mask, H, stride_x, stride_r, stride_
 def _add_dropout_ln_fwd_kernel(
     X,          # pointer, [N, H] sub-layer output to drop out
     RES,        # pointer, [N, H] residual
-    W,          # pointer, [H] LayerNorm weight
-    B,          # pointer, [H] LayerNorm bias
+    W,          # pointer, [H] LayerNorm weight (contiguous)
+    B,          # pointer, [H] LayerNorm bias (contiguous)
     KEEP,       # pointer, [N, H] bool/uint8 keep mask (read only when DROPOUT == 2)
     SEED,       # pointer, [1] int64 dropout seed (read only when DROPOUT == 1)
     Y,          # pointer, [N, H] output
@@ -97,7 +97,7 @@ def _add_dropout_ln_bwd_kernel(
     DY,         # pointer, [N, H] upstream gradient
     X,          # pointer, [N, H] saved sub-layer output
     RES,        # pointer, [N, H] saved residual
-    W,          # pointer, [H] LayerNorm weight
+    W,          # pointer, [H] LayerNorm weight (contiguous)
     KEEP,       # pointer, [N, H] keep mask (DROPOUT == 2)
     SEED,       # pointer, [1] int64 seed (DROPOUT == 1)
     MEAN,       # pointer, [N] saved row means
@@ -204,6 +204,7 @@ def add_dropout_layernorm_forward(x, residual, weight, bias, p: float, eps: floa
     """Returns (y, mean, rstd); mean/rstd are [N] in the accumulation dtype."""
     h = x.shape[-1]
     x2, r2 = _rows(x, h), _rows(residual, h)
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads W + col (a view may be strided)
     n = x2.shape[0]
     if n * h >= 2**31:
         raise ValueError("add_dropout_layernorm: more than 2^31 elements (Philox counter is 32-bit)")
@@ -229,6 +230,7 @@ def add_dropout_layernorm_backward(dy, x, residual, weight, mean, rstd, p: float
     """Returns (dx, dresidual, dweight, dbias)."""
     h = x.shape[-1]
     x2, r2, dy2 = _rows(x, h), _rows(residual, h), _rows(dy, h)
+    weight_c = weight.contiguous()  # the kernel reads W + col (a view may be strided)
     n = x2.shape[0]
     mode = _mode(p, seed, keep_mask)
     acc = acc_type(x, residual, weight, dy)
@@ -245,7 +247,7 @@ def add_dropout_layernorm_backward(dy, x, residual, weight, mean, rstd, p: float
     dw_part = torch.empty((chunks, h), dtype=part_dtype, device=x.device)
     db_part = torch.empty((chunks, h), dtype=part_dtype, device=x.device)
     _add_dropout_ln_bwd_kernel[(chunks,)](
-        dy2, x2, r2, weight, keep, seed_arg, mean, rstd, dx, dres, dw_part, db_part, n, h,
+        dy2, x2, r2, weight_c, keep, seed_arg, mean, rstd, dx, dres, dw_part, db_part, n, h,
         dy2.stride(0), x2.stride(0), r2.stride(0), keep.stride(0), dx.stride(0), rows_per_chunk,
         float(p if mode else 0.0),
         ACC=acc, DROPOUT=mode, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8,
@@ -279,7 +281,8 @@ def _fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias:
 def _(x, residual, weight, bias, p, eps, seed, keep_mask):
     n = x.numel() // x.shape[-1]
     stat = x.new_empty(n, dtype=acc_torch_dtype(x, residual, weight))
-    return torch.empty_like(x, dtype=torch.result_type(x, residual)), stat, torch.empty_like(stat)
+    # the real op returns fresh contiguous tensors whatever the inputs' strides; so must the fake
+    return x.new_empty(x.shape, dtype=torch.result_type(x, residual)), stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::add_dropout_layernorm_bwd", mutates_args=())
@@ -291,7 +294,8 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: t
 
 @_bwd_op.register_fake
 def _(dy, x, residual, weight, mean, rstd, p, seed, keep_mask):
-    return torch.empty_like(x), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), residual.new_empty(residual.shape), weight.new_empty(weight.shape), \
+        weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

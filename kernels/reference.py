@@ -3,7 +3,7 @@
 This file is the single definition of "correct" and of the "eager baseline": the supernet's eager
 backend calls these functions, the Triton kernels (GPU) and the C++ ops (CPU) must match them, and
 tests/benchmarks import them. Shapes: B batch, T sequence length, H hidden size, h heads, dh = H/h.
-Padding masks are ``token_mask`` [B, T] bool, True where there is a real token.
+Padding masks are ``token_mask`` [B, T], True (bool) or nonzero (integer) where there is a real token.
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ def dwconv_bias_gelu(
     ``y[b, t, c] = gelu(bias[c] + sum_j weight[c, j] * (x * m)[b, t + j - k // 2, c])``.
     """
     if token_mask is not None:
-        x = x * token_mask.unsqueeze(-1).to(x.dtype)
+        x = x * token_mask.unsqueeze(-1).to(torch.bool).to(x.dtype)
     k = weight.shape[-1]
+    if x.shape[1] == 0:  # conv1d refuses an empty sequence; the result is empty as well
+        return F.gelu(x + bias)
     y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k // 2, groups=x.shape[-1])
     return F.gelu(y.transpose(1, 2))
 
@@ -67,10 +69,23 @@ def attention(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if token_mask is None:
         return torch.matmul(scores.softmax(-1), v)
-    key_mask = token_mask[:, None, None, :]
+    key_mask = token_mask[:, None, None, :].to(torch.bool)
     scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1) * key_mask.to(scores.dtype)
     return torch.matmul(probs, v)
+
+
+def check_alignment_shapes(child_hiddens: Sequence[torch.Tensor], anchor_hiddens: Sequence[torch.Tensor]) -> None:
+    """Every backend's precondition: all child and anchor hiddens share one shape.
+
+    Layers of different shapes would make "the mean over real tokens" ambiguous (one token count, or
+    one per layer?), so every backend refuses them with this same error.
+    """
+    tensors = [*child_hiddens, *anchor_hiddens]
+    for t in tensors[1:]:  # == on shapes, not hashing: also works on symbolic shapes while tracing
+        if t.shape != tensors[0].shape:
+            raise ValueError("alignment_loss: all hiddens must have the same shape, got "
+                             f"{list(tensors[0].shape)} and {list(t.shape)}")
 
 
 def alignment_loss(
@@ -80,17 +95,28 @@ def alignment_loss(
 ) -> torch.Tensor:
     """MAGIC-A alignment: ``sum_l mean((h_l - a_l)^2)``, the mean over real tokens and H.
 
-    Each h_l, a_l is [B, T, H]; anchors are treated as constants (detached). The mask is applied to
-    per-token sums ([B, T]) rather than to [B, T, H] tensors: the same value, fewer full-size passes.
+    Each h_l, a_l is [B, T, H], all of one shape; anchors are treated as constants (detached); extra
+    layers on either side are ignored (``zip``). The loss is fp32 (fp64 for fp64 hiddens). An empty
+    batch, or a mask without real tokens, gives 0 (the mean over no elements is taken as 0, so that
+    such a batch adds nothing rather than NaN). The mask is applied to per-token sums ([B, T]) rather
+    than to [B, T, H] tensors: the same value, fewer full-size passes.
     """
-    total = child_hiddens[0].new_zeros((), dtype=torch.float32)
+    n = min(len(child_hiddens), len(anchor_hiddens))
+    if n == 0:
+        raise ValueError("alignment_loss needs at least one child and one anchor hidden state")
+    child_hiddens, anchor_hiddens = list(child_hiddens)[:n], list(anchor_hiddens)[:n]
+    check_alignment_shapes(child_hiddens, anchor_hiddens)
+    acc = torch.float64 if any(h.dtype == torch.float64 for h in child_hiddens) else torch.float32
+    total = child_hiddens[0].new_zeros((), dtype=acc)
     if token_mask is not None:
-        m = token_mask.to(torch.float32)
+        m = token_mask.to(torch.bool).to(acc)
         count = (m.sum() * child_hiddens[0].shape[-1]).clamp_min(1.0)
+    else:
+        count = max(1, child_hiddens[0].numel())
     for h, a in zip(child_hiddens, anchor_hiddens):
         if token_mask is None:
-            total = total + F.mse_loss(h.float(), a.detach().float())
+            total = total + F.mse_loss(h.to(acc), a.detach().to(acc), reduction="sum") / count
         else:
-            per_token = (h.float() - a.detach().float()).square().sum(-1)
+            per_token = (h.to(acc) - a.detach().to(acc)).square().sum(-1)
             total = total + (per_token * m).sum() / count
     return total

@@ -2,8 +2,8 @@
 
 Each op is a ``torch.ops.nasfast_triton.*_fwd`` custom op (opaque to ``torch.compile``) whose autograd
 formula (``register_autograd``) calls the matching ``*_bwd`` op. Runs on CUDA, or on CPU tensors when
-``TRITON_INTERPRET=1`` was set before triton was first imported (tests). Known deviation: for fp64
-inputs ``alignment_loss`` returns fp64 (the reference upcasts to fp32), so that it can be gradchecked.
+``TRITON_INTERPRET=1`` was set before triton was first imported (tests). Outputs and gradients are
+always freshly allocated contiguous tensors, whatever the strides of the inputs.
 """
 from __future__ import annotations
 

@@ -101,10 +101,47 @@ def _ensure() -> bool:
                     _STATE["path"] = "already registered"
                 else:
                     _STATE["path"] = _build()
+                _register_fakes()
                 _STATE["loaded"] = True
             except Exception as exc:  # no compiler, missing headers, failed link ...
                 _STATE["error"] = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
     return _STATE["loaded"]
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only ("fake") versions of the C++ ops, for torch.compile / FakeTensor tracing.
+
+    Every C++ op returns fresh contiguous tensors whatever its inputs' strides, so the fakes do too.
+    (``dropout_keep_mask`` and ``gemm_backend`` are test/debug helpers defined with their function,
+    i.e. CompositeImplicitAutograd, which torch does not let have a fake.)
+    """
+    lib = torch.library
+
+    def once(name, fn):
+        try:
+            lib.register_fake(f"nasfast::{name}", fn)
+        except RuntimeError as exc:  # another import path registered them in this process already
+            if "already" not in str(exc):
+                raise
+
+    def new(t, shape=None, dtype=None):
+        return t.new_empty(t.shape if shape is None else shape, dtype=dtype or t.dtype)
+
+    def rows(x):
+        return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+    once("bias_gelu_fwd", lambda x, bias: new(x))
+    once("bias_gelu_bwd", lambda grad, x, bias: (new(x), new(bias, (x.shape[-1],))))
+    once("add_dropout_layernorm_fwd",
+         lambda x, residual, weight, bias, p, keep_mask, seed, eps: (new(x), new(x, (rows(x),)), new(x, (rows(x),))))
+    once("add_dropout_layernorm_bwd",
+         lambda grad, x, residual, weight, mean, rstd, p, keep_mask, seed: (new(x), new(x), new(weight), new(weight)))
+    once("dwconv_bias_gelu_fwd", lambda x, weight, bias, token_mask: new(x))
+    once("dwconv_bias_gelu_bwd", lambda grad, x, weight, bias, token_mask: (new(x), new(weight), new(bias)))
+    once("attention_fwd", lambda q, k, v, token_mask: (new(q), new(q, q.shape[:3])))
+    once("attention_bwd", lambda grad, q, k, v, out, lse, token_mask: (new(q), new(k), new(v)))
+    once("alignment_loss_fwd", lambda child, anchor, token_mask, need_grad: (
+        new(child[0], ()), [new(c) for c in child] if need_grad else []))
 
 
 def available() -> bool:
@@ -290,7 +327,10 @@ def alignment_loss(
     The loss is fp32 (fp64 when the hiddens are fp64, so gradcheck can run in double).
     """
     _require()
+    from nasfast.kernels.reference import check_alignment_shapes
+
     child = list(child_hiddens)
     anchor = [a.detach() for a in anchor_hiddens][: len(child)]
     child = child[: len(anchor)]
+    check_alignment_shapes(child, anchor)  # the error every backend gives
     return _AlignmentLoss.apply(token_mask, len(child), *child, *anchor)

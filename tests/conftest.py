@@ -82,3 +82,18 @@ def micro_yaml(tmp_path, micro_config) -> Path:
     path = tmp_path / "micro.yaml"
     save_config(micro_config, path)
     return path
+
+
+# Hypothesis profiles of the property-based kernel tests (tests/test_kernel_properties.py):
+# "ci" (default) keeps the Triton interpreter within CI's budget and is derandomized (the same
+# examples every run); "deep" is for a manual run: pytest --hypothesis-profile=deep, or
+# NASFAST_HYPOTHESIS_PROFILE=deep.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None,
+                                   print_blob=True)
+    _hyp_settings.register_profile("deep", max_examples=400, deadline=None, database=None, print_blob=True)
+    _hyp_settings.load_profile(os.environ.get("NASFAST_HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a dev extra; the property tests skip without it
+    pass

@@ -1,6 +1,7 @@
 """The CPU-side parts of benchmarks/gpu_suite.py: argument parsing, machine description, result files."""
 import csv
 import importlib.util
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -69,3 +70,37 @@ def test_main_without_cuda_exits_cleanly(suite, tmp_path):
         pytest.skip("has CUDA: main would run the suite")
     assert suite.main(["--out", str(tmp_path / "x"), "--quick"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_correctness_covers_every_layout_of_every_argument(suite):
+    """The correctness section gives every tensor argument of every op (weights and biases
+    included) and the incoming gradient each non-contiguous layout at least once."""
+    import torch
+
+    from nasfast.kernels import cases
+
+    specs = suite.correctness_specs(list(suite.OPS), torch.float32)
+    assert {s.op for s in specs} == set(suite.OPS)
+    for op in suite.OPS:
+        mine = [s for s in specs if s.op == op]
+        # the argument list of most of the op's cases (e.g. LayerNorm with its keep mask)
+        names = Counter(tuple(s.arg_names()) for s in mine).most_common(1)[0][0]
+        for i, name in enumerate(names):
+            for layout in cases.LAYOUTS[1:]:
+                assert any(tuple(s.arg_names()) == names and s.layout_of(i) == layout for s in mine), (op, name, layout)
+        if op != "alignment_loss":  # its incoming gradient is a scalar
+            assert {s.grad_layout for s in mine} >= set(cases.LAYOUTS), op
+
+
+@pytest.mark.slow
+def test_check_correctness_runs_through_the_interpreter(suite):
+    """The GPU correctness path, run on the CPU through the Triton interpreter for one op."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the suite itself runs this on the GPU")
+    rows = []
+    assert suite.check_correctness(["bias_gelu"], rows, device="cpu"), [r.note for r in rows if not r.ok]
+    n = len(suite.correctness_specs(["bias_gelu"], torch.float32))
+    assert len(rows) == 3 * n and all(r.section == "correctness" and r.ok for r in rows)
+    assert {r.dtype for r in rows} == {"float32", "float16", "bfloat16"}

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
 FLOOR = 4e-6
@@ -71,17 +72,12 @@ def rand(*shape, grad=True):
 
 
 def padding_mask(B, T, kind):
-    """None, or a mask whose rows are: no padding, partial padding, all padding (cycled)."""
+    """None, or (kind "mixed") rows cycling through: no padding, padded tail with a hole, all padding
+    (nasfast.kernels.cases.token_mask; drawn from torch's global RNG)."""
     if kind is None:
         return None
-    m = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        if b % 3 == 1:
-            m[b, torch.randint(1, max(T, 2), ()).item():] = False
-            m[b, torch.randint(0, T, ()).item()] = False  # also a hole inside the sequence
-        elif b % 3 == 2:
-            m[b] = False
-    return m
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    return cases.token_mask(B, T, kind, gen)
 
 
 # ----------------------------------------------------------------------------------- bias_gelu

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 
+from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
 try:
@@ -55,12 +56,10 @@ def rnd(*shape, dtype, scale=1.0, grad=True):
 
 
 def padding_mask(B, T):
-    """Row 0 without padding, rows 1.. partially padded, the last row all padding."""
-    lengths = torch.randint(1, T, (B,))
-    lengths[0] = T
-    if B > 2:
-        lengths[-1] = 0
-    return (torch.arange(T)[None, :] < lengths[:, None]).to(DEV)
+    """Rows cycle: no padding, padded tail with a hole, all padding (nasfast.kernels.cases "mixed");
+    drawn from torch's global RNG, so each test's seed decides it."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    return cases.token_mask(B, T, "mixed", gen).to(DEV)
 
 
 def run(fn, inputs, grad_out):

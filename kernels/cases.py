@@ -1,0 +1,505 @@
+"""Generated inputs for the five fused ops, and the float64 error rule that judges a backend on them.
+
+The one case generator shared by the tests (fixed cases and property-based ones), the GPU suite
+(``benchmarks/gpu_suite.py``) and the CPU benchmarks (``benchmarks/bench_cases.py``).
+
+A :class:`CaseSpec` names an op, its sizes, dtype, input magnitude, padding mask, dropout, and one
+memory *layout* per tensor argument (and for the incoming gradient). :func:`build` turns it into a
+:class:`Case`: the tensors, laid out as asked, and ``call(ops, *tensors)``. :func:`judge` runs the
+forward and every gradient through a backend, through the eager reference in the same dtype, and
+through the reference in float64 on the same (already rounded) values, the truth, and applies
+
+    max|backend - truth| <= 3 * max|eager - truth| + FLOOR[dtype] * max(1, max|truth|)
+
+to the output and to each gradient (plus the documented accuracy bound of an op, where it has one:
+see :func:`documented_bound`). A forward under ``torch.no_grad`` is judged too.
+
+Layouts (same values and shape, different strides; gaps in the storage hold NaN, so an op that
+reads memory it does not own produces NaN rather than a plausible wrong number):
+
+- ``contiguous``;
+- ``transposed``: the last two dims swapped in memory (1-D: as ``strided``);
+- ``strided``: every second element along the last dim;
+- ``offset``: a slice of a larger buffer: storage offset and a row stride larger than the width;
+- ``permuted``: the leading dims stored in reverse order (e.g. [B, h, T, dh] stored as
+  [T, h, B, dh], as head-split views of a projection are);
+- ``broadcast``: stride 0 along the first dim (the values repeat along it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from nasfast.kernels import reference
+
+OPS = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
+LAYOUTS = ("contiguous", "transposed", "strided", "offset", "permuted", "broadcast")
+MASKS = (None, "full", "mixed", "all_pad", "first", "last")  # token_mask() also knows "lengths"
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+EAGER_FACTOR = 3.0
+
+
+# ---------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class CaseSpec:
+    """One generated call of a fused op. Sizes: x [B, T, H]; attention q, k, v [B, heads, T, dh]."""
+
+    op: str
+    B: int = 2
+    T: int = 7
+    H: int = 24
+    heads: int = 2
+    dh: int = 16
+    k: int = 3                     # dwconv kernel width (odd)
+    layers: int = 2                # alignment_loss layers
+    dtype: torch.dtype = torch.float32
+    scale: float = 1.0             # magnitude of the data inputs (x, residual, q, k, v, hiddens)
+    mask: Optional[str] = None     # one of MASKS (ops with a token mask)
+    mask_dtype: torch.dtype = torch.bool
+    dropout: float = 0.0           # add_dropout_layernorm: p of an explicit keep mask (training)
+    layouts: Tuple[str, ...] = ()  # per tensor argument (see arg_names); missing ones: contiguous
+    grad_layout: str = "contiguous"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}")
+        if self.op == "dwconv_bias_gelu" and self.k % 2 != 1:
+            raise ValueError("dwconv kernel width must be odd")
+        for lay in (*self.layouts, self.grad_layout):
+            if lay not in LAYOUTS:
+                raise ValueError(f"unknown layout {lay!r}")
+
+    def arg_names(self) -> List[str]:
+        return arg_names(self)
+
+    def layout_of(self, i: int) -> str:
+        return self.layouts[i] if i < len(self.layouts) else "contiguous"
+
+    def describe(self) -> str:
+        """Short human-readable id (test ids, result rows)."""
+        dims = {"attention": f"B{self.B} h{self.heads} T{self.T} dh{self.dh}",
+                "dwconv_bias_gelu": f"B{self.B} T{self.T} H{self.H} k{self.k}",
+                "alignment_loss": f"L{self.layers} B{self.B} T{self.T} H{self.H}"}.get(
+            self.op, f"B{self.B} T{self.T} H{self.H}")
+        parts = [self.op, dims, str(self.dtype).split(".")[-1]]
+        if self.scale != 1.0:
+            parts.append(f"x{self.scale:g}")
+        if self.mask is not None:
+            mdt = "" if self.mask_dtype == torch.bool else "/" + str(self.mask_dtype).split(".")[-1]
+            parts.append(f"mask={self.mask}{mdt}")
+        if self.dropout:
+            parts.append(f"p={self.dropout:g}")
+        lays = [f"{n}:{lay}" for n, lay in zip(self.arg_names(), self.layouts) if lay != "contiguous"]
+        if self.grad_layout != "contiguous":
+            lays.append(f"grad:{self.grad_layout}")
+        if lays:
+            parts.append("[" + ",".join(lays) + "]")
+        return " ".join(parts)
+
+
+def has_mask_arg(op: str) -> bool:
+    return op in ("dwconv_bias_gelu", "attention", "alignment_loss")
+
+
+def arg_names(spec: CaseSpec) -> List[str]:
+    """Names of the tensor arguments of ``spec``'s call, in order (the ones layouts apply to)."""
+    op = spec.op
+    if op == "bias_gelu":
+        names = ["x", "bias"]
+    elif op == "add_dropout_layernorm":
+        names = ["x", "residual", "weight", "bias"] + (["keep_mask"] if spec.dropout > 0 else [])
+    elif op == "dwconv_bias_gelu":
+        names = ["x", "weight", "bias"]
+    elif op == "attention":
+        names = ["q", "k", "v"]
+    else:
+        names = [f"h{i}" for i in range(spec.layers)] + [f"a{i}" for i in range(spec.layers)]
+    if has_mask_arg(op) and spec.mask is not None:
+        names.append("token_mask")
+    return names
+
+
+# ---------------------------------------------------------------------------------------- layouts
+def lay_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``values`` (same shape, dtype, device) stored with ``layout``'s strides."""
+    v = values
+    if layout == "contiguous" or v.dim() == 0:
+        return v.clone()
+    if layout == "transposed" and v.dim() == 1:
+        layout = "strided"
+    fill = float("nan") if v.is_floating_point() else 1
+    if layout == "transposed":
+        return v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":
+        buf = torch.full((*v.shape[:-1], 2 * v.shape[-1]), fill, dtype=v.dtype, device=v.device)
+        out = buf[..., ::2]
+        out.copy_(v)
+        return out
+    if layout == "offset":
+        buf = torch.full((*v.shape[:-1], v.shape[-1] + 3), fill, dtype=v.dtype, device=v.device)
+        flat = torch.full((buf.numel() + 5,), fill, dtype=v.dtype, device=v.device)
+        out = flat[5:].view(buf.shape)[..., 1:1 + v.shape[-1]]
+        out.copy_(v)
+        return out
+    if layout == "permuted":
+        if v.dim() < 3:
+            return lay_out(v, "transposed")
+        lead = list(range(v.dim() - 1))
+        order = lead[::-1] + [v.dim() - 1]
+        stored = v.permute(*order).contiguous()
+        inverse = [order.index(i) for i in range(v.dim())]
+        return stored.permute(*inverse)
+    if layout == "broadcast":
+        # the values must already repeat along dim 0 (build() makes them so)
+        return v[:1].expand_as(v)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _repeat_first(values: torch.Tensor) -> torch.Tensor:
+    return values[:1].expand_as(values).clone() if values.dim() and values.shape[0] else values
+
+
+# ---------------------------------------------------------------------------------------- masks
+def token_mask(B: int, T: int, kind: Optional[str], gen: torch.Generator,
+               dtype: torch.dtype = torch.bool) -> Optional[torch.Tensor]:
+    """[B, T] padding mask (True/nonzero = real token) of one kind, or None.
+
+    ``full``: no padding; ``mixed``: rows cycle through full, padded tail plus a hole, all padding;
+    ``all_pad``: no real token; ``first`` / ``last``: only the first / last token is real;
+    ``lengths``: realistic right padding, lengths from T/2 to T (row 0 full).
+    """
+    if kind is None:
+        return None
+    m = torch.zeros(B, T, dtype=torch.bool)
+    if T == 0:
+        pass
+    elif kind == "full":
+        m[:] = True
+    elif kind == "mixed":
+        for b in range(B):
+            if b % 3 == 0:
+                m[b] = True
+            elif b % 3 == 1:
+                n = int(torch.randint(1, T + 1, (), generator=gen))
+                m[b, :n] = True
+                m[b, int(torch.randint(0, T, (), generator=gen))] = False
+    elif kind == "first":
+        m[:, 0] = True
+    elif kind == "last":
+        m[:, -1] = True
+    elif kind == "lengths":
+        lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
+        if B:
+            lengths[0] = T
+        m = torch.arange(T)[None, :] < lengths[:, None]
+    elif kind != "all_pad":
+        raise ValueError(f"unknown mask kind {kind!r}")
+    return m.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    spec: CaseSpec
+    names: List[str]                 # tensor argument names
+    values: List[torch.Tensor]       # per argument: float64 values (floats, already rounded to dtype) or masks
+    differentiable: List[bool]       # per argument
+    call: Callable                   # call(ops, *tensors) -> output tensor
+    grad_values: Optional[torch.Tensor] = None  # float64 incoming gradient (rounded to the output dtype)
+    out_names: List[str] = field(default_factory=list)
+    allowance: Optional[dict] = None  # documented_bound()'s cache
+
+    def tensors(self, dtype: Optional[torch.dtype] = None, laid_out: bool = True,
+                grad: bool = True) -> List[torch.Tensor]:
+        """Fresh inputs: floats in ``dtype`` (default: the spec's), with the spec's layouts if ``laid_out``;
+        the differentiable ones are leaves that require grad when ``grad``."""
+        dtype = dtype or self.spec.dtype
+        out = []
+        for i, v in enumerate(self.values):
+            t = v.to(dtype) if v.is_floating_point() else v
+            t = lay_out(t, self.spec.layout_of(i)) if laid_out else t.clone()
+            if grad and self.differentiable[i]:
+                t.requires_grad_()
+            out.append(t)
+        return out
+
+    def grad_output(self, dtype: torch.dtype, laid_out: bool = True) -> Optional[torch.Tensor]:
+        if self.grad_values is None:
+            return None
+        g = self.grad_values.to(dtype)
+        return lay_out(g, self.spec.grad_layout) if laid_out and g.dim() else g
+
+
+def build(spec: CaseSpec, device: torch.device | str = "cpu", exact: bool = True) -> Case:
+    """Inputs and call for ``spec`` (deterministic in spec.seed; no global RNG state is touched).
+
+    ``exact``: keep float values in float64 (rounded to the case dtype, so that every evaluation sees
+    the same numbers), as judging needs; ``exact=False`` keeps them in the case dtype (timing only).
+    """
+    gen = torch.Generator().manual_seed(spec.seed)
+    B, T, H = spec.B, spec.T, spec.H
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        if not exact:
+            return (torch.randn(shape, generator=gen) * scale + shift).to(spec.dtype)
+        v = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+        return v.to(spec.dtype).to(torch.float64)  # exactly representable in the case dtype
+
+    mask = token_mask(B, T, spec.mask, gen, spec.mask_dtype) if has_mask_arg(spec.op) else None
+    s = spec.scale
+    op = spec.op
+    if op == "bias_gelu":
+        values = [rnd(B, T, H, scale=2.0 * s), rnd(H)]
+        diff = [True, True]
+        call = lambda ops, x, b: ops.bias_gelu(x, b)  # noqa: E731
+        out_names = ["y", "dx", "dbias"]
+    elif op == "add_dropout_layernorm":
+        values = [rnd(B, T, H, scale=s), rnd(B, T, H, scale=s, shift=0.5 * s), rnd(H, scale=0.5, shift=1.0), rnd(H)]
+        diff = [True, True, True, True]
+        p = spec.dropout
+        if p > 0:
+            values.append(torch.rand(B, T, H, generator=gen) >= p)
+            diff.append(False)
+
+            def call(ops, x, r, w, b, keep):
+                return ops.add_dropout_layernorm(x, r, w, b, p, True, 1e-5, keep)
+        else:
+            call = lambda ops, x, r, w, b: ops.add_dropout_layernorm(x, r, w, b, 0.0, True, 1e-5)  # noqa: E731
+        out_names = ["y", "dx", "dresidual", "dweight", "dbias"]
+    elif op == "dwconv_bias_gelu":
+        values = [rnd(B, T, H, scale=s), rnd(H, spec.k, scale=0.5), rnd(H)]
+        diff = [True, True, True]
+        call = lambda ops, x, w, b, *m: ops.dwconv_bias_gelu(x, w, b, m[0] if m else None)  # noqa: E731
+        out_names = ["y", "dx", "dweight", "dbias"]
+    elif op == "attention":
+        values = [rnd(B, spec.heads, T, spec.dh, scale=s) for _ in range(3)]
+        diff = [True, True, True]
+        call = lambda ops, q, k, v, *m: ops.attention(q, k, v, m[0] if m else None)  # noqa: E731
+        out_names = ["o", "dq", "dk", "dv"]
+    else:
+        L = spec.layers
+        values = [rnd(B, T, H, scale=s) for _ in range(2 * L)]
+        diff = [True] * L + [False] * L
+
+        def call(ops, *ts):
+            return ops.alignment_loss(list(ts[:L]), list(ts[L:2 * L]), ts[2 * L] if len(ts) > 2 * L else None)
+
+        out_names = ["loss"] + [f"dh{i}" for i in range(L)]
+    if mask is not None:
+        values.append(mask)
+        diff.append(False)
+    names = arg_names(spec)
+    assert len(names) == len(values), (names, len(values))
+    # a broadcast layout needs values that repeat along dim 0
+    values = [_repeat_first(v) if spec.layout_of(i) == "broadcast" else v for i, v in enumerate(values)]
+    values = [v.to(device) for v in values]
+    out_shape = {"alignment_loss": ()}.get(op, values[0].shape)
+    grad = rnd(*out_shape)
+    if spec.grad_layout == "broadcast":
+        grad = _repeat_first(grad)
+    return Case(spec, names, values, diff, call, grad.to(device), out_names)
+
+
+# ---------------------------------------------------------------------------------------- judging
+@dataclass
+class Check:
+    name: str          # output or gradient name ("y", "dx", ..., "y(no_grad)")
+    err: float         # max |backend - truth|
+    eager_err: float   # max |eager same dtype - truth|
+    allowed: float     # the rule's right-hand side
+    ok: bool
+    note: str = ""
+    bound: float = 0.0  # the documented_bound() part of ``allowed``
+
+
+def run(case: Case, ops, dtype: Optional[torch.dtype] = None, laid_out: bool = True):
+    """[output, grad of each differentiable input...] (detached) of ``case`` through ``ops``."""
+    dtype = dtype or case.spec.dtype
+    ins = case.tensors(dtype, laid_out)
+    out = case.call(ops, *ins)
+    leaves = [t for t, d in zip(ins, case.differentiable) if d]
+    gout = case.grad_output(out.dtype, laid_out)
+    grads = torch.autograd.grad(out, leaves, gout, allow_unused=True)
+    return [out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+
+
+def _maxabs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def attention_rounding_allowance(case: Case) -> dict:
+    """First-order error that rounding the attention scores and dp in floating point may cause, per output.
+
+    Softmax attention is ill-conditioned in its scores: an absolute error ``e`` in a score changes
+    its probability by a factor ``exp(e)``, and at scores of ~1e3 (inputs ~N(0, 30^2)) the rounding
+    of q . k alone is ~1e-4. Any implementation that forms scores in the compute precision carries
+    that error, so a single eager evaluation, which may get lucky (exactly 0 in a saturated row),
+    is not a reliable yardstick there. This propagates, to first order and from the float64 values:
+
+    - ``ds_ij <= (sqrt(dh) + 2) u scale |q_i| |k_j| + 16 u`` per score (the dot product, the scale,
+      an exp accurate to ~16 ulp);
+    - ``|dP_ij| <= P_ij (ds_ij + sum_k P_ik ds_ik)``, into o (``sum_j dP_ij |v_j - o_i|``), dv, and,
+      with ``ddp_ij <= (sqrt(dh) + 1) u |do_i| |v_j|`` for ``dp = do . v`` and the same for the row
+      term ``delta_i = do_i . o_i``, into ``ds = P (dp - delta)`` and so dq and dk.
+
+    The last term is what the Triton backward documents (``nasfast.kernels.attention``): it forms
+    ``delta`` as ``do . o``, two separately rounded dot products whose true difference is ~0 in a
+    saturated row. ``u`` is the unit roundoff of the input dtype; row norms are 2-norms. Returns
+    {output name: max allowance}; tensors of [B, h, T, T] are formed, so keep T small.
+    """
+    spec = case.spec
+    q, k, v = case.values[:3]
+    names = case.out_names
+    if q.numel() == 0:
+        return {n: 0.0 for n in names}
+    m = case.values[3].to(torch.bool) if len(case.values) > 3 else None
+    do = case.grad_values
+    dh = q.shape[-1]
+    scale = dh ** -0.5
+    u = torch.finfo(spec.dtype).eps / 2
+    root = math.sqrt(dh)
+    with torch.no_grad():
+        s = (q @ k.transpose(-1, -2)) * scale
+        valid = torch.ones_like(s, dtype=torch.bool) if m is None else m[:, None, None, :].expand_as(s)
+        p = torch.nan_to_num(s.masked_fill(~valid, float("-inf")).softmax(-1)) * valid
+        o = p @ v
+        nq, nk, nv, ndo, no = (t.norm(dim=-1) for t in (q, k, v, do, o))
+        ds = (root + 2) * u * scale * nq[..., :, None] * nk[..., None, :] + 16 * u
+        e = p * (ds + (p * ds).sum(-1, keepdim=True))                       # |dP| bound
+        err_o = (e[..., None] * (v[..., None, :, :] - o[..., :, None, :]).abs()).sum(-2)
+        err_dv = e.transpose(-1, -2) @ do.abs()
+        dp = do @ v.transpose(-1, -2)
+        delta = (do * o).sum(-1, keepdim=True)
+        ddp = (root + 1) * u * ndo[..., :, None] * nv[..., None, :]
+        ddelta = (root + 1) * u * ndo * torch.maximum(no, nv.max(-1, keepdim=True).values) + \
+            (e * (dp - delta).abs()).sum(-1)
+        f = e * (dp - delta).abs() + p * (ddp + ddelta[..., None])        # |d(ds)| bound
+        err_dq = scale * (f @ k.abs())
+        err_dk = scale * (f.transpose(-1, -2) @ q.abs())
+    vals = {"o": err_o, "dq": err_dq, "dk": err_dk, "dv": err_dv}
+    return {n: _maxabs(vals[n]) for n in names}
+
+
+def documented_bound(case: Case, name: str) -> float:
+    """Extra error allowed on ``case``'s output ``name`` beyond the plain rule (0 except attention,
+    whose allowance is the same for every backend: see :func:`attention_rounding_allowance`)."""
+    if case.spec.op != "attention":
+        return 0.0
+    if case.allowance is None:
+        case.allowance = attention_rounding_allowance(case)
+    return case.allowance.get(name, 0.0)
+
+
+def judge(case: Case, ops, eager=reference) -> List[Check]:
+    """Apply the error rule to ``ops`` on ``case``: output, every gradient, and the no-grad output."""
+    dtype = case.spec.dtype
+    got = run(case, ops)
+    with torch.no_grad():
+        got_nograd = case.call(ops, *case.tensors(dtype, grad=False))
+    base = run(case, eager, dtype, laid_out=False)
+    truth = run(case, eager, torch.float64, laid_out=False)
+    checks = []
+    names = case.out_names + [f"{case.out_names[0]}(no_grad)"]
+    for name, g, e, t in zip(names, got + [got_nograd], base + [base[0]], truth + [truth[0]]):
+        note = ""
+        if g.shape != t.shape:
+            checks.append(Check(name, float("inf"), 0.0, 0.0, False, f"shape {tuple(g.shape)} != {tuple(t.shape)}"))
+            continue
+        if g.dtype != e.dtype:
+            note = f"dtype {g.dtype} != eager's {e.dtype}"
+        finite = torch.isfinite(t)
+        if not torch.equal(torch.isfinite(g), finite):
+            checks.append(Check(name, float("nan"), 0.0, 0.0, False, "non-finite values where the truth is finite"))
+            continue
+        err = _maxabs((g.double() - t)[finite])
+        eerr = _maxabs((e.double() - t)[finite])
+        bound = documented_bound(case, name.split("(")[0])
+        allowed = EAGER_FACTOR * eerr + FLOOR[dtype] * max(1.0, _maxabs(t[finite])) + bound
+        checks.append(Check(name, err, eerr, allowed, err <= allowed and not note, note, bound))
+    return checks
+
+
+def failures(checks: Sequence[Check]) -> List[str]:
+    return [f"{c.name}: err {c.err:.3g} > allowed {c.allowed:.3g} (eager err {c.eager_err:.3g}) {c.note}".strip()
+            for c in checks if not c.ok]
+
+
+# ---------------------------------------------------------------------------------------- fixed cases
+def layout_cases(dtype: torch.dtype = torch.float32) -> List[CaseSpec]:
+    """A fixed set that gives every tensor argument of every op (and the incoming gradient) each
+    non-contiguous layout at least once, at awkward sizes, plus the cases of past bugs. The GPU
+    suite runs these on hardware; the CPU tests run them through the interpreter and native ops."""
+    out: List[CaseSpec] = []
+    bases = {
+        "bias_gelu": CaseSpec("bias_gelu", B=3, T=5, H=40),
+        "add_dropout_layernorm": CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dropout=0.25),
+        "dwconv_bias_gelu": CaseSpec("dwconv_bias_gelu", B=2, T=5, H=40, k=3, mask="mixed"),
+        "attention": CaseSpec("attention", B=2, heads=3, T=13, dh=17, mask="mixed"),
+        "alignment_loss": CaseSpec("alignment_loss", B=3, T=5, H=24, layers=2, mask="mixed"),
+    }
+    for op, base in bases.items():
+        n = len(base.arg_names())
+        for layout in LAYOUTS[1:]:
+            lays = tuple(layout for _ in range(n))
+            grad = layout if op != "alignment_loss" else "contiguous"
+            out.append(replace(base, dtype=dtype, layouts=lays, grad_layout=grad, seed=len(out)))
+    # one argument at a time strided: catches a kernel that honours some strides but not others
+    for op, base in bases.items():
+        for i in range(len(base.arg_names())):
+            lays = tuple("strided" if j == i else "contiguous" for j in range(i + 1))
+            out.append(replace(base, dtype=dtype, layouts=lays, seed=len(out)))
+    # regressions: issue repros (strided LayerNorm weight/bias and dwconv bias) and edge sizes
+    out += [
+        CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dtype=dtype,
+                 layouts=("contiguous", "contiguous", "strided", "strided")),
+        CaseSpec("dwconv_bias_gelu", B=2, T=5, H=40, k=3, dtype=dtype, layouts=("contiguous", "contiguous", "strided")),
+        CaseSpec("dwconv_bias_gelu", B=2, T=3, H=17, k=9, dtype=dtype, mask="last"),  # kernel wider than T
+        CaseSpec("attention", B=2, heads=2, T=7, dh=16, dtype=dtype, scale=5.0, mask="first"),
+        CaseSpec("attention", B=2, heads=2, T=7, dh=16, dtype=dtype, scale=30.0),  # saturated softmax
+        CaseSpec("alignment_loss", B=0, T=5, H=8, layers=2, dtype=dtype),  # empty batch: 0, not NaN
+        CaseSpec("alignment_loss", B=2, T=5, H=8, layers=1, dtype=dtype, mask="mixed", mask_dtype=torch.int64),
+        CaseSpec("attention", B=3, heads=1, T=5, dh=8, dtype=dtype, mask="mixed", mask_dtype=torch.int32),
+    ]
+    return out
+
+
+def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: int, dtype: torch.dtype,
+                 device, seed: int = 0, k: int = 5, dropout: float = 0.1, keep_mask: bool = True):
+    """Realistic-size inputs for timing one op: (shape string, differentiable leaves, call(ops, *leaves)).
+
+    Masks are ``lengths`` padding (T/2..T). Dropout (training) uses an explicit keep mask when
+    ``keep_mask`` (every backend does the same work), else each op draws its own pattern.
+    Shared by the GPU suite and the CPU benchmarks; values are drawn in ``dtype`` (no float64 copy).
+    """
+    if op == "bias_gelu":
+        spec = CaseSpec(op, B=B, T=T, H=ffn, dtype=dtype, seed=seed)
+        shape = f"x[{B},{T},{ffn}]"
+    elif op == "add_dropout_layernorm":
+        spec = CaseSpec(op, B=B, T=T, H=H, dtype=dtype, dropout=dropout if keep_mask else 0.0, seed=seed)
+        shape = f"x[{B},{T},{H}] p={dropout:g}"
+    elif op == "dwconv_bias_gelu":
+        spec = CaseSpec(op, B=B, T=T, H=H, k=k, dtype=dtype, mask="lengths", seed=seed)
+        shape = f"x[{B},{T},{H}] k={k} masked"
+    elif op == "attention":
+        spec = CaseSpec(op, B=B, heads=heads, T=T, dh=H // heads, dtype=dtype, mask="lengths", seed=seed)
+        shape = f"q[{B},{heads},{T},{H // heads}] masked"
+    else:
+        spec = CaseSpec(op, B=B, T=T, H=H, layers=layers, dtype=dtype, mask="lengths", seed=seed)
+        shape = f"{layers} x [{B},{T},{H}] masked"
+    case = build(spec, device, exact=False)
+    ins = case.tensors()
+    leaves = [t for t, d in zip(ins, case.differentiable) if d]
+    fixed = {i: t for i, (t, d) in enumerate(zip(ins, case.differentiable)) if not d}
+
+    def call(ops, *xs):
+        it = iter(xs)
+        args = [fixed[i] if i in fixed else next(it) for i in range(len(ins))]
+        if op == "add_dropout_layernorm" and not keep_mask:
+            return ops.add_dropout_layernorm(*args, dropout, True)
+        return case.call(ops, *args)
+
+    return shape, leaves, call
