@@ -43,12 +43,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.sampler:
         overrides.append(f"sampler.name={args.sampler}")
+    if args.deepspeed:
+        overrides.append(f"train.deepspeed={args.deepspeed}")
     if args.resume:
         cfg = resume_config(out, args.config, overrides)
     else:
         if not args.config:
             raise UserError("pretrain needs --config (or --resume with an existing --out)")
         cfg = load_config(args.config, overrides)
+    if cfg.train.deepspeed:  # a bad DeepSpeed config fails here, before any process group or tokenizer work
+        from .engine_deepspeed import ds_env_defaults, load_ds_config
+
+        ds_env_defaults()
+        load_ds_config(cfg.train.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     _quiet_libraries()
     trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     summary = trainer.train()
@@ -108,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--deepspeed", metavar="CONFIG.json", help="train with DeepSpeed ZeRO (e.g. configs/ds/zero2.json); "
+                                                              "shortcut for --set train.deepspeed=...")
     p = sub.add_parser("space", help="describe the search space; params and FLOPs of architectures",
                        description="Describe a config's search space and the exact cost of architectures.")
     p.add_argument("--config", required=True, help="YAML run config")
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))
         if args.command is None:
             parser.print_help()
             return 2
@@ -145,6 +154,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         _error(argv, f"internal error ({type(exc).__name__}): this is a bug in nasfast, not in your input; "
                      f"please report it with the traceback above to {BUG_REPORT}")
         return 1
+
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the ``deepspeed`` launcher inserts (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def _error(argv: Optional[list[str]], message: str) -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_random_children: int = 3
     ckpt_every: int = 100
+    deepspeed: Optional[str] = None  # a DeepSpeed JSON (ZeRO-1/2/3, e.g. configs/ds/zero2.json); None = the plain engine
 
 
 @dataclass

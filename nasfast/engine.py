@@ -74,6 +74,9 @@ class Engine(Protocol):
     def states(self) -> dict[str, Stateful]:
         """The engine's stateful parts, in load order, for the Checkpointer."""
 
+    def describe(self) -> str:
+        """One line for summary.json: which engine and layout trained the run."""
+
     def after_load(self, cfg: Config) -> None:
         """Apply resume-time changes (``train.lr``, ``train.steps``) on top of the loaded state."""
 
@@ -124,6 +127,9 @@ class PlainEngine:
     def states(self) -> dict[str, Stateful]:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
+    def describe(self) -> str:
+        return "plain" if not self.world.enabled else f"plain data-parallel x{self.world.size}"
+
     def after_load(self, cfg: Config) -> None:
         saved_lr = self.scheduler.base_lrs[0]
         if cfg.train.lr != saved_lr or self._schedule_changed():
@@ -136,6 +142,11 @@ class PlainEngine:
                    for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs))
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world: World, device: torch.device) -> Engine:
-    """The engine for this run (where a DeepSpeed engine will be chosen, from its own config section)."""
+def build_engine(model: torch.nn.Module, cfg: Config, world: World, device: torch.device, run_dir=None) -> Engine:
+    """The engine for this run: DeepSpeed ZeRO when ``train.deepspeed`` names a config, else plain PyTorch."""
+    if cfg.train.deepspeed:
+        from .engine_deepspeed import DeepSpeedEngine, ds_env_defaults, load_ds_config
+
+        ds_env_defaults()
+        return DeepSpeedEngine(model, cfg, world, device, load_ds_config(cfg.train.deepspeed, cfg, world.size), run_dir)
     return PlainEngine(model, cfg, world, device)

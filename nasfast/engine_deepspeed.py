@@ -193,7 +193,7 @@ class DeepSpeedEngine:
                  run_dir: Optional[Path] = None):
         import deepspeed
 
-        from .trainer import lr_lambda  # TODO(merge): nasfast.optim
+        from .optim import lr_lambda
         from .supernet import AttentionCandidate, ConvCandidate, FeedForwardCandidate
 
         self.cfg, self.world, self.device, self.run_dir = cfg, world, device, run_dir
@@ -254,6 +254,9 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def describe(self) -> str:
+        return f"deepspeed zero-{self.stage} x{self.world.size}"
 
     # --- state ---------------------------------------------------------------------------------
     def states(self) -> dict:
@@ -322,13 +325,16 @@ class DeepSpeedEngine:
         return {n: p.detach().clone() for n, p in params.items()}
 
     def partition_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds: parameters, gradients and optimizer state (of its partitions)."""
+        """Bytes this rank holds for the supernet: its parameters, fp32 master partitions, gradients and
+        Adam state. Gradients follow each stage's layout: ZeRO-3's persistent flat partition buffer; ZeRO-2
+        partitions them like the master weights; ZeRO-0/1 hold full-size gradients before reducing."""
         params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in self.model.parameters())
-        grads = sum(p.grad.numel() * p.grad.element_size() for g in self.optimizer.param_groups for p in g["params"]
-                    if p.grad is not None)
+        master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
         state = sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.ndim > 0)
-        master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
+        buffer = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        grads = (buffer.numel() * buffer.element_size() if buffer is not None
+                 else master if self.stage == 2 else params)
         return {"params": params, "master_params": master, "grads": grads, "optimizer_state": state}
 
 

@@ -130,7 +130,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager").to(self.device)
         model.set_backend(cfg.kernels.backend, self.device)
-        self.engine: Engine = build_engine(model, cfg, self.world, self.device)
+        self.engine: Engine = build_engine(model, cfg, self.world, self.device, self.run_dir)
         self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k, walk=cfg.sampler.walk)
         self.dev = self.corpus.dev_batches(t.batch_size, t.eval_batches)
         self.anchor = self._build_anchor() if self.sampler.aligns else None
@@ -142,6 +142,8 @@ class Trainer:
         self.step = 0
         if saved is not None:
             self.step = self.checkpointer.load(saved)
+            if hasattr(self.engine, "load_shards"):  # DeepSpeed: weights and optimizer live in per-rank shards
+                self.engine.load_shards(saved)
             self.engine.after_load(cfg)
         kill_point("startup")
         if self.world.is_main:
@@ -254,14 +256,20 @@ class Trainer:
     def save_checkpoint(self, log: Optional[TrainLogger] = None) -> None:
         if log is not None:
             log.sync()  # every metrics line up to this step is on disk before the checkpoint says so
+        meta = {
+            "data_position": {"micro_steps_done": self.step * self.cfg.train.grad_accum, "seed": self.cfg.train.seed},
+            "config": self.cfg.to_dict(),
+        }
         try:
-            self.checkpointer.save(self.step, {
-                "data_position": {"micro_steps_done": self.step * self.cfg.train.grad_accum, "seed": self.cfg.train.seed},
-                "config": self.cfg.to_dict(),
-            })
+            if hasattr(self.engine, "save_shards"):  # every rank writes its shard first; the file below commits it
+                meta.update(self.engine.save_shards(self.step))
+                barrier(self.world)
+            self.checkpointer.save(self.step, meta)
         except NonFiniteState as exc:
             raise Diverged(f"{exc}; lower train.lr or set train.clip_norm, then --resume") from None
         barrier(self.world)
+        if hasattr(self.engine, "prune_shards"):
+            self.engine.prune_shards(meta["deepspeed"]["tag"])
 
     # --- the end of a run ----------------------------------------------------------------------
     def _finish(self, status: str, dev: dict) -> dict:
@@ -308,8 +316,9 @@ class Trainer:
             "unigram_entropy": self.corpus.unigram_entropy(self.dev),
             "dev": dev,
             "children": children,
-            "supernet_params": sum(p.numel() for p in self.model.parameters()),
+            "supernet_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()),  # ZeRO-3: full size
             "search_space_size": self.space.size,
             "device": str(self.device),
             "backend": self.model.ops.name,
+            "engine": self.engine.describe(),
         }

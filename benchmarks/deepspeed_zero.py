@@ -1,0 +1,179 @@
+"""Plain data-parallel vs DeepSpeed ZeRO-1/2/3 on 2 CPU ranks: per-rank memory, step time, ZeRO-3 gathers.
+
+    DS_ACCELERATOR=cpu python benchmarks/deepspeed_zero.py [--steps 30] [--out benchmarks/results/deepspeed_zero]
+
+Runs 2 real processes (gloo). For each engine, the tiny config trains ``--steps`` SPOS steps; the
+median step time after 5 warm-up steps and the bytes each rank holds (parameters, master weights,
+gradients, optimizer state, from the engine's own tensors) are recorded. Under ZeRO-3 every
+all-gather is counted (calls and bytes) for spos and magic-t children. The base space (H=768, 24
+layers) is not trained here: its per-rank bytes follow from the same rule the tiny measurement
+confirms (bytes per parameter per engine, listed in the results), applied to its exact parameter count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+ENGINES = ("plain", "zero1", "zero2", "zero3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatherCounter:
+    """Counts all-gathers (ZeRO-3 parameter gathering) by wrapping torch.distributed before DeepSpeed binds it."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.calls = self.bytes = 0
+        for name in ("all_gather_into_tensor", "_all_gather_base"):
+            original = getattr(dist, name, None)
+            if original is not None:
+                setattr(dist, name, self._wrap(original))
+
+    def _wrap(self, fn):
+        def counted(output, input, *args, **kwargs):
+            self.calls += 1
+            self.bytes += output.numel() * output.element_size()
+            return fn(output, input, *args, **kwargs)
+
+        return counted
+
+
+def plain_bytes(trainer) -> dict:
+    """The plain engine: full weights, gradients of one child at a time (the largest child is the peak),
+    Adam state of every parameter trained so far (torch's AdamW allocates it at a parameter's first step)."""
+    model, opt, space = trainer.model, trainer.engine.optimizer, trainer.space
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max((space.largest(), space.smallest()), key=lambda a: sum(p.numel() for p in model.child_parameters(a)))
+    grads = sum(p.numel() * p.element_size() for p in model.child_parameters(largest))
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+    return {"params": params, "master_params": 0, "grads": grads, "optimizer_state": state}
+
+
+def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    counter = GatherCounter()
+    from nasfast.config import load_config
+    from nasfast.trainer import Trainer
+
+    results = {}
+    jobs = [(e, "spos") for e in ENGINES] + [("zero3", "magic-t")]
+    for engine, sampler in jobs:
+        overrides = [f"train.steps={args['steps']}", "train.ckpt_every=100000", "train.eval_every=100000",
+                     "train.log_every=100000", f"sampler.name={sampler}", "train.device=cpu"]
+        if engine != "plain":
+            overrides.append(f"train.deepspeed={ROOT / 'configs' / 'ds' / f'{engine}.json'}")
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+        run = Path(out) / "runs" / f"{engine}-{sampler}"
+        trainer = Trainer(cfg, run, progress=False)
+        times, gathers = [], []
+        step = trainer.train_step
+
+        def timed(s, step=step):
+            calls, nbytes = counter.calls, counter.bytes
+            started = time.perf_counter()
+            record = step(s)
+            times.append(time.perf_counter() - started)
+            gathers.append((counter.calls - calls, counter.bytes - nbytes))
+            return record
+
+        trainer.train_step = timed
+        trainer.train()
+        eng = trainer.engine
+        memory = eng.partition_bytes() if hasattr(eng, "partition_bytes") else plain_bytes(trainer)
+        steady = times[5:]
+        results[f"{engine}-{sampler}"] = {
+            "engine": engine, "sampler": sampler, "step_s_median": statistics.median(steady),
+            "step_s_p20": sorted(steady)[len(steady) // 5], "step_s_p80": sorted(steady)[4 * len(steady) // 5],
+            "bytes": memory, "supernet_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()),
+            "gather_calls_per_step": statistics.mean(c for c, _ in gathers[5:]),
+            "gather_bytes_per_step": statistics.mean(b for _, b in gathers[5:]),
+        }
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def base_space_estimate(per_param: dict[str, float]) -> dict:
+    """Per-rank bytes of the base space, from its exact supernet size and the measured bytes/param."""
+    from nasfast.config import build_space, load_config
+    from nasfast.supernet import Supernet
+
+    cfg = load_config(ROOT / "configs" / "base.yaml")
+    with torch.device("meta"):
+        model = Supernet(cfg.model, build_space(cfg), cfg.data.vocab_size)
+    n = sum(p.numel() for p in model.parameters())
+    return {"supernet_params": n, **{k: round(v * n) for k, v in per_param.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deepspeed_zero")
+    args = p.parse_args()
+    import torch.multiprocessing as mp
+
+    from machine import command_line, describe
+
+    work = Path("/tmp/nasfast_ds_bench")
+    work.mkdir(parents=True, exist_ok=True)
+    for old in (work / "runs").glob("*"):
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    mp.spawn(_worker, args=(2, _free_port(), {"steps": args.steps}, str(work)), nprocs=2, join=True)
+    ranks = [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    rows = ranks[0]
+    plain = rows["plain-spos"]
+    n = plain["supernet_params"]
+    for row in rows.values():
+        row["state_bytes_total"] = sum(row["bytes"].values())
+        row["state_vs_plain"] = row["state_bytes_total"] / plain["state_bytes_total"]
+    per_param = {row["engine"]: row["state_bytes_total"] / n for key, row in rows.items() if key.endswith("spos")}
+    results = {
+        "command": command_line(), "machine": describe(), "steps": args.steps, "ranks": 2, "config": "configs/tiny.yaml",
+        "rows": rows, "per_rank_bytes_per_param": per_param,
+        "base_space_estimate": base_space_estimate(per_param),
+        "ratios": {
+            "zero2_step_vs_plain": rows["zero2-spos"]["step_s_median"] / plain["step_s_median"],
+            "zero3_state_vs_plain": rows["zero3-spos"]["state_bytes_total"] / plain["state_bytes_total"],
+            "magic_t_vs_spos_gather_bytes_zero3": rows["zero3-magic-t"]["gather_bytes_per_step"] / max(1, rows["zero3-spos"]["gather_bytes_per_step"]),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = ["# Plain data-parallel vs DeepSpeed ZeRO on 2 CPU ranks (tiny config)", "", f"`{results['command']}`", "",
+             "| engine | sampler | step s (median, p20–p80) | params | master | grads | optimizer state | total / plain | all-gathers per step (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        b = row["bytes"]
+        mb = lambda v: "—" if not v else f"{v / 2**20:.1f} MB"  # noqa: E731
+        lines.append(f"| {row['engine']} | {row['sampler']} | {row['step_s_median']:.3f} ({row['step_s_p20']:.3f}–{row['step_s_p80']:.3f}) "
+                     f"| {mb(b.get('params'))} | {mb(b.get('master_params'))} | {mb(b.get('grads'))} "
+                     f"| {mb(b.get('optimizer_state'))} | {row['state_vs_plain']:.2f} | {row['gather_calls_per_step']:.0f} "
+                     f"({row['gather_bytes_per_step'] / 2**20:.2f}) |")
+    lines += ["", f"Ratios: {json.dumps({k: round(v, 3) for k, v in results['ratios'].items()})}", "",
+              f"Base space (configs/base.yaml) per-rank bytes from the measured bytes/param: "
+              f"{json.dumps(results['base_space_estimate'])}", "", "Machine: `" + json.dumps(results["machine"]) + "`", ""]
+    (args.out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
