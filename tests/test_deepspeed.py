@@ -136,27 +136,27 @@ def _ds_launch(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedPro
 
 
 def test_deepspeed_launcher_resume_is_exact(tmp_path, micro_yaml):
-    """N steps + resume + N steps through the `deepspeed` launcher equals 2N uninterrupted (ZeRO-2 and 3)."""
+    """Through the `deepspeed` launcher, ZeRO-3: N steps + resume + N steps equals 2N uninterrupted.
+
+    ZeRO-3 keeps the weights only in the partitioned shards, so equality is checked on what the
+    weights produce: every logged training loss and the final dev losses of the evaluated children,
+    bit for bit. (ZeRO-1/2/3 resume through the same code path; the 2N run is one launch.)
+    """
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for stage in (2, 3):
-        common = ["--config", str(micro_yaml), "--deepspeed", str(DS_CONFIGS / f"zero{stage}.json"), "--no-progress",
-                  "--set", "train.steps=6", "--set", "train.ckpt_every=2"]
-        full, split = tmp_path / f"full{stage}", tmp_path / f"split{stage}"
-        for args in (["pretrain", "--out", str(full), *common],
-                     ["pretrain", "--out", str(split), *common, "--stop-after", "3"],
-                     ["pretrain", "--out", str(split), "--resume", "--no-progress"]):
-            res = _ds_launch(args, tmp_path, env)
-            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        a = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-        b = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-        assert [(r["step"], r["loss"], r["child"]) for r in a] == [(r["step"], r["loss"], r["child"]) for r in b]
-        ta = torch.load(sorted((full / "checkpoints" / "deepspeed").iterdir())[-1] / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
-        tb = torch.load(sorted((split / "checkpoints" / "deepspeed").iterdir())[-1] / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
-        if stage < 3:  # ZeRO-3 keeps the weights in the partitioned files; the losses above cover it
-            assert all(torch.equal(t, tb[n]) for n, t in ta.items())
-        assert json.loads((split / "summary.json").read_text())["engine"].startswith(f"deepspeed zero-{stage}")
+    common = ["--config", str(micro_yaml), "--deepspeed", str(DS_CONFIGS / "zero3.json"), "--no-progress",
+              "--set", "train.steps=6", "--set", "train.ckpt_every=2", "--set", "train.eval_every=6"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    for args in (["pretrain", "--out", str(full), *common],
+                 ["pretrain", "--out", str(split), *common, "--stop-after", "3"],
+                 ["pretrain", "--out", str(split), "--resume", "--no-progress"]):
+        res = _ds_launch(args, tmp_path, env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == 6 and [(r["step"], r["loss"], r["child"]) for r in a] == [(r["step"], r["loss"], r["child"]) for r in b]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, split))
+    assert sa["dev"] == sb["dev"] and sa["engine"] == sb["engine"] == "deepspeed zero-3 x2"
+    assert [p.name for p in (split / "checkpoints" / "deepspeed").iterdir()] == ["step6"]  # older shards pruned
 
 
 @pytest.mark.parametrize("content,message", [
