@@ -198,3 +198,11 @@ def test_sigint_during_startup_is_one_line(micro_yaml, tmp_path):
             assert_one_line(err, "interrupted")
         else:  # training had already started: the usual clean stop
             assert proc.returncode == 130, (delay, err)
+
+
+def test_fresh_start_never_deletes_a_foreign_data_folder(micro_yaml, tmp_path, capsys):
+    out = tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "notes.txt").write_text("mine")
+    expect(capsys, ["pretrain", "--config", micro_yaml, "--out", out], "not a nasfast data folder")
+    assert (out / "data" / "notes.txt").read_text() == "mine"
