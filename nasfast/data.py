@@ -255,6 +255,11 @@ def _install(cached: Path, data_dir: Path) -> None:
     """Copy the cached corpus into the run folder as data/, replacing an old one, via a temp folder."""
     for stale in data_dir.parent.glob(f".{data_dir.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    if data_dir.exists():
+        foreign = sorted({p.name for p in data_dir.iterdir()} - {"blocks.npz", "tokenizer"})
+        if foreign:  # never delete a folder that nasfast did not write
+            raise UserError(f"{data_dir} is not a nasfast data folder (it holds {', '.join(foreign[:3])}); "
+                            "choose another --out")
     tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
     shutil.copytree(cached, tmp)
     if data_dir.exists():

@@ -1,6 +1,7 @@
 """Every bad input of the run-folder issue ends in one line on stderr and exit 2, never a traceback."""
 import gzip
 import json
+import os
 import random
 import signal
 import time
@@ -183,18 +184,38 @@ def test_binary_and_latin1_corpora(tmp_path, capsys):
 
 
 # --- SIGINT while starting up --------------------------------------------------------------------
+def _torch_loaded(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as fh:
+        return "libtorch" in fh.read()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see when start-up is under way")
 def test_sigint_during_startup_is_one_line(micro_yaml, tmp_path):
-    rng = random.Random()
-    for delay in (rng.uniform(0.3, 1.0), rng.uniform(1.0, 3.0)):
-        out = tmp_path / f"run{delay:.2f}"
-        proc = popen("pretrain", "--config", micro_yaml, "--out", out, "--no-progress", "--set", "train.steps=100000",
-                     "--set", "data.vocab_size=350")  # a new vocabulary: start-up tokenizes (longer)
-        time.sleep(delay)
+    """Ctrl-C while importing (torch is being loaded: nasfast's main() is running) and while the run
+    folder is being prepared (the lock is taken, data and model not yet built)."""
+    for moment in ("importing", "preparing"):
+        out = tmp_path / moment
+        proc = popen("pretrain", "--config", micro_yaml, "--out", out, "--no-progress", "--set", "train.steps=100000")
+        ready = (lambda: _torch_loaded(proc.pid)) if moment == "importing" else (lambda: (out / ".lock").exists())
+        deadline = time.time() + 120
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-        assert "Traceback" not in err, (delay, err)
-        if proc.returncode == 130 and "interrupted" in err and "SIGINT" not in err:  # stopped during start-up
+        stdout, err = proc.communicate(timeout=120)
+        # -SIGINT: Python reports an interrupt seen inside some C-level imports by re-raising SIGINT at
+        # exit, after main() printed its line; a shell shows 130 either way
+        assert proc.returncode in (130, -signal.SIGINT), (moment, proc.returncode, err)
+        if "SIGINT" in stdout:  # the machine was fast: training had started and stopped cleanly
+            assert not err.strip(), err
+        else:
             assert_one_line(err, "interrupted")
-        else:  # training had already started: the usual clean stop
-            assert proc.returncode == 130, (delay, err)
+        assert not (out / "config.yaml").exists() or (out / CHECKPOINT).exists()
+
+
+def test_fresh_start_never_deletes_a_foreign_data_folder(micro_yaml, tmp_path, capsys):
+    out = tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "notes.txt").write_text("mine")
+    expect(capsys, ["pretrain", "--config", micro_yaml, "--out", out], "not a nasfast data folder")
+    assert (out / "data" / "notes.txt").read_text() == "mine"
