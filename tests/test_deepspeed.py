@@ -167,17 +167,18 @@ def test_deepspeed_launcher_resume_is_exact(tmp_path, micro_yaml):
     ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
     ('{"gradient_clipping": 0.5}', "gradient_clipping=0.5 but train.clip_norm=1.0"),
 ])
-def test_bad_deepspeed_config_exits_2_with_one_line(tmp_path, micro_yaml, content, message):
+def test_bad_deepspeed_config_exits_2_with_one_line(tmp_path, micro_yaml, content, message, capsys, monkeypatch):
+    from nasfast.cli import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     path = tmp_path / "ds.json"
     if content is not None:
         path.write_text(content)
-    res = subprocess.run([sys.executable, "-m", "nasfast", "pretrain", "--config", str(micro_yaml), "--out",
-                          str(tmp_path / "run"), "--deepspeed", str(path)], capture_output=True, text=True,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
-    assert not (tmp_path / "run" / "data").exists()  # refused before any tokenizer work
+    rc = main(["pretrain", "--config", str(micro_yaml), "--out", str(tmp_path / "run"), "--deepspeed", str(path)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run folder, process group or tokenizer
 
 
 def test_deepspeed_flag_without_deepspeed_installed(tmp_path, micro_yaml, monkeypatch, capsys):
