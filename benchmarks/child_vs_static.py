@@ -2,7 +2,7 @@
 
     python benchmarks/child_vs_static.py --config configs/tiny.yaml --steps 20 --rounds 3
 
-DESIGN §5: a child step should cost what the static model costs (no weight copies, no per-step
+The design goal: a child step should cost what the static model costs (no weight copies, no per-step
 rebuilding, optimizer work only on parameters with gradients). Both train the same architectures
 on the same batches with the same optimizer; rounds interleave them so machine drift hits both.
 Writes benchmarks/results/child_vs_static.{json,md}.

@@ -47,10 +47,11 @@ class GatherCounter:
                 setattr(dist, name, self._wrap(original))
 
     def _wrap(self, fn):
-        def counted(output, input, *args, **kwargs):
+        def counted(*args, **kwargs):  # DeepSpeed passes output_tensor= by keyword, torch callers positionally
+            output = kwargs.get("output_tensor", args[0] if args else None)
             self.calls += 1
             self.bytes += output.numel() * output.element_size()
-            return fn(output, input, *args, **kwargs)
+            return fn(*args, **kwargs)
 
         return counted
 
@@ -77,7 +78,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     results = {}
     jobs = [(e, "spos") for e in ENGINES] + [("zero3", "magic-t")]
     for engine, sampler in jobs:
-        overrides = [f"train.steps={args['steps']}", "train.ckpt_every=100000", "train.eval_every=100000",
+        overrides = [f"train.steps={args['steps']}", "train.warmup_steps=5", "train.ckpt_every=100000", "train.eval_every=100000",
                      "train.log_every=100000", f"sampler.name={sampler}", "train.device=cpu"]
         if engine != "plain":
             overrides.append(f"train.deepspeed={ROOT / 'configs' / 'ds' / f'{engine}.json'}")

@@ -1,4 +1,4 @@
-"""CPU-scale reproduction of "Analyzing and Mitigating Interference in NAS" (DESIGN §1, §3).
+"""CPU-scale reproduction of "Analyzing and Mitigating Interference in NAS" (protocols: docs/protocols.md).
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce_paper.py [--samplers spos,magic-t,magic-a,magic] [--seeds 0 1 2]
     python benchmarks/reproduce_paper.py --quick      # micro setting, ~2 minutes: a smoke test of the pipeline
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PAPER_SAMPLERS = ("spos", "magic-t", "magic-a", "magic")
-PAPER_KENDALL = {"spos": 0.36, "magic-t": 0.49, "magic": 0.57}  # 60 children, from a secondary source (DESIGN §1)
+PAPER_KENDALL = {"spos": 0.36, "magic-t": 0.49, "magic": 0.57}  # 60 children, as reported by a secondary source
 QUICK_OVERRIDES = [  # the tests' micro setting
     "model.hidden=24", "model.max_len=32", "space.layers=3",
     "space.candidates=[mha:2, mha:3, ffn:40, conv:3, conv:5, identity]",

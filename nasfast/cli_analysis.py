@@ -17,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to the ``nasfast`` parser."""
     p = sub.add_parser("interference", help="gradient interference on a shared operator vs child distance",
                        description="Measure interference on the shared operator (--layer, --candidate) between base "
-                                   "children and partners differing in exactly d other layers (DESIGN §3).")
+                                   "children and partners differing in exactly d other layers (docs/protocols.md §4).")
     p.add_argument("--run", required=True, help="run folder (config.yaml, data/, checkpoints/last.pt)")
     p.add_argument("--layer", required=True, type=int, help="layer of the shared operator, 0-based")
     p.add_argument("--candidate", required=True, help="candidate of the shared operator, e.g. ffn:512")

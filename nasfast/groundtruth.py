@@ -1,4 +1,4 @@
-"""Ground truth for rank correlation (DESIGN §3): each child trained from scratch, standalone.
+"""Ground truth for rank correlation (docs/protocols.md §5): each child trained from scratch, standalone.
 
 Every child gets the same protocol: the run's config (model, train section), the run's data folder
 (identical tokenizer and blocks), the same number of steps, and the trainer's per-step data order

@@ -1,4 +1,4 @@
-"""Interference on a shared operator (DESIGN §3, the paper's observations 1 and 2).
+"""Interference on a shared operator (the paper's observations 1 and 2; docs/protocols.md §4).
 
 Fix o = (layer i, candidate c). For base children containing o and partners that keep o and differ
 from the base in exactly d OTHER layers, on the same fixed dev batches (eval mode, dropout off):

@@ -1,4 +1,4 @@
-"""Rank correlation between inherited-weight estimates and ground truth (DESIGN §3).
+"""Rank correlation between inherited-weight estimates and ground truth (docs/protocols.md §5).
 
 Results files (from ``nasfast evaluate`` and ``nasfast ground-truth``) are JSON objects with a
 ``results`` list of ``{"arch": <arch id>, "loss": ..., "accuracy": ..., ...}``; children are matched

@@ -1,4 +1,4 @@
-"""The search space (DESIGN §2): L layers, each picks one candidate operator.
+"""The search space (docs/protocols.md §1): L layers, each picks one candidate operator.
 
 Candidates are named ``mha:h`` (self-attention, h heads), ``ffn:d`` (feed-forward, inner size d),
 ``conv:k`` (separable convolution, width k) and ``identity``. Every (layer, candidate) owns its own
