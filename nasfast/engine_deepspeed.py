@@ -197,6 +197,7 @@ class DeepSpeedEngine:
         from .supernet import AttentionCandidate, ConvCandidate, FeedForwardCandidate
 
         self.cfg, self.world, self.device, self.run_dir = cfg, world, device, run_dir
+        _single_process_group(device)
         self.ds_config = ds_config
         self.stage = int(ds_config["zero_optimization"].get("stage", 0))
         if self.stage == 3:
@@ -336,6 +337,20 @@ class DeepSpeedEngine:
         grads = (buffer.numel() * buffer.element_size() if buffer is not None
                  else master if self.stage == 2 else params)
         return {"params": params, "master_params": master, "grads": grads, "optimizer_state": state}
+
+
+def _single_process_group(device: torch.device) -> None:
+    """A one-rank process group for a plain ``nasfast pretrain --deepspeed`` (no launcher): without one,
+    DeepSpeed falls back to MPI discovery and fails on machines without mpi4py."""
+    if dist.is_initialized() or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def check_same_child(arch: Arch, world) -> None:

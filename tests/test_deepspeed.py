@@ -188,3 +188,15 @@ def test_deepspeed_flag_without_deepspeed_installed(tmp_path, micro_yaml, monkey
     rc = main(["pretrain", "--config", str(micro_yaml), "--out", str(tmp_path / "run"), "--deepspeed",
                str(DS_CONFIGS / "zero2.json")])
     assert rc == 2 and "needs the deepspeed package" in capsys.readouterr().err
+
+
+def test_single_process_deepspeed_run(tmp_path, micro_yaml):
+    """`nasfast pretrain --deepspeed` without a launcher: a one-rank process group, no MPI needed."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([sys.executable, "-m", "nasfast", "pretrain", "--config", str(micro_yaml), "--out", str(tmp_path / "run"),
+                          "--deepspeed", str(DS_CONFIGS / "zero2.json"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["engine"] == "deepspeed zero-2 x1"
