@@ -288,6 +288,9 @@ def save_folder(model: PreTrainedModel, tokenizer, out: Path) -> Path:
         raise UserError(f"--out {out} exists and is not an earlier nasfast export; choose an empty or new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; an export is an ordinary folder
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
