@@ -268,6 +268,8 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
 
     import torch
 
+    # An int: transformers 5 reads a float < 1 as a ratio, 4.x only takes steps.
+    warmup = math.ceil(settings.warmup_ratio * math.ceil(len(data["train"]) / settings.batch_size) * settings.epochs)
     results = []
     for seed in settings.seeds:
         cached = out / "seeds" / f"seed{seed}.json"
@@ -284,7 +286,7 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
         args = TrainingArguments(
             output_dir=str(work), num_train_epochs=settings.epochs, learning_rate=settings.lr,
             per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=max(64, settings.batch_size),
-            warmup_steps=settings.warmup_ratio, weight_decay=settings.weight_decay, lr_scheduler_type="linear",
+            warmup_steps=warmup, weight_decay=settings.weight_decay, lr_scheduler_type="linear",
             eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_only_model=True,
             save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="accuracy", greater_is_better=True,
             seed=seed, data_seed=seed, report_to="none", disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),

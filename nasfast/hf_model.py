@@ -21,15 +21,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
-from transformers import initialization as init
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
+
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers < 5 spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
+try:
+    from transformers import initialization as init  # v5: these skip weights already loaded from disk
+except ImportError:  # transformers < 5 calls _init_weights only on modules that were not loaded
+    from torch.nn import init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from .backend import BACKENDS, get_ops
