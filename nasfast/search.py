@@ -1,7 +1,8 @@
 """Architecture search under a parameter / FLOPs budget: evolutionary, or random as the baseline.
 
 Evolution (``strategy="evolution"``), with ``P`` = population and ``G`` = generations:
-- generation 0: ``P`` distinct children drawn uniformly among those under the budget (rejection);
+- generation 0: ``P`` distinct children drawn uniformly among those under the budget (rejection;
+  under a budget so tight that rejection fails, random children repaired by cheaper single-layer swaps);
 - each later generation: ``P`` new offspring of the ``parents`` best children evaluated so far
   (elitist, as in SPOS's search). An offspring is, with probability ``crossover``, a per-layer
   uniform crossover of two parents, else a copy of one parent; then, with probability
@@ -33,7 +34,8 @@ from .space import Arch, SearchSpace
 
 STRATEGIES = ("evolution", "random")
 MAX_TRIES = 200  # rejected draws per offspring before falling back to a fresh random child
-SAMPLE_TRIES = 20_000  # uniform draws per random child before the space counts as exhausted
+SAMPLE_TRIES = 2_000  # uniform draws per random child before falling back to repaired draws
+REPAIR_TRIES = 200  # repaired draws before the space counts as exhausted under the budget
 CACHE_VERSION = 1
 
 Cost = Callable[[Arch], tuple]  # arch -> (params, flops)
@@ -124,12 +126,36 @@ class Sampler:
                 raise UserError(f"no child fits the budget: the cheapest child has {low:,} {name} > {limit:,}")
 
     def random(self, seen: set) -> Optional[Arch]:
-        """A uniform random child under the budget not in ``seen``; None when none is found."""
+        """A uniform random child under the budget not in ``seen`` (rejection sampling); when the budget
+        is so tight that rejection fails, a random child repaired down to the budget; None when neither
+        finds a new child."""
         for _ in range(SAMPLE_TRIES):
             arch = self.space.random_arch(self.rng)
             if arch not in seen and self.fits(arch):
                 return arch
+        for _ in range(REPAIR_TRIES):
+            arch = self.repair(self.space.random_arch(self.rng))
+            if arch is not None and arch not in seen:
+                return arch
         return None
+
+    def _load(self, arch: Arch) -> float:
+        """Cost relative to the budget (max over the constrained quantities); <= 1 means it fits."""
+        params, flops = self.cost(arch)
+        return max(params / self.budget.max_params if self.budget.max_params else 0.0,
+                   flops / self.budget.max_flops if self.budget.max_flops else 0.0)
+
+    def repair(self, arch: Arch) -> Optional[Arch]:
+        """Random single-layer swaps to cheaper candidates until ``arch`` fits; None if it cannot."""
+        while not self.fits(arch):
+            load = self._load(arch)
+            cheaper = [arch[:l] + (c,) + arch[l + 1 :] for l in range(self.space.num_layers)
+                       for c in range(len(self.space.candidates)) if c != arch[l]]
+            cheaper = [a for a in cheaper if self._load(a) < load]
+            if not cheaper:
+                return None
+            arch = self.rng.choice(cheaper)
+        return arch
 
     def mutate(self, arch: Arch) -> Arch:
         """One layer's operator replaced by a different candidate."""

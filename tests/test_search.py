@@ -166,3 +166,10 @@ def test_search_command_on_a_micro_run(micro_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv[:3] + ["--max-flops", "1k", "--out", str(tmp_path / "t")]) == 2
     assert "no child fits" in capsys.readouterr().err
+
+
+def test_a_budget_too_tight_for_rejection_is_met_by_repair():
+    budget = Budget(max_params=cost((4, 4, 4, 4, 3, 3))[0])  # identity x4 + two convs: a handful of children
+    res = run_search(SPACE, budget, cost, Separable(0), SearchSettings(population=4, generations=3), progress=False)
+    feasible = [a for a in itertools.product(range(5), repeat=6) if budget.fits(*cost(a))]
+    assert len(res["children"]) == min(12, len(feasible)) and all(c["params"] <= budget.max_params for c in res["children"])
