@@ -88,6 +88,9 @@ class NasfastPreTrainedModel(PreTrainedModel):
     config: NasfastConfig
     base_model_prefix = "nasfast"
     _no_split_modules = ["Embeddings"]
+    # The losses are means over the batch; tell Trainer to scale them for gradient accumulation itself
+    # (forward takes **kwargs only to accept BERT-style extras).
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base class covers Linear / Embedding / LayerNorm with initializer_range; the parameters the
