@@ -106,6 +106,16 @@ def test_backend_key(micro_run, tmp_path):
 
     assert main(["export", "--run", str(micro_run), "--arch", CHILDREN[0], "--out", str(tmp_path / "m"), "--backend", "triton"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["kernels_backend"] == "triton"
+    from transformers import AutoModelForMaskedLM
+
+    fused = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "m")).eval()  # Triton's interpreter on CPU
+    run = open_run(micro_run)
+    ids, mask = batch(run.corpus.vocab_size, 7)
+    with torch.no_grad():
+        expected = run.supernet()(ids, mask, run.space.parse(CHILDREN[0])).logits
+        got = fused(input_ids=ids, attention_mask=mask).logits
+    assert fused.nasfast.ops_for(ids.device).name == "triton"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert NasfastConfig().kernels_backend == "eager"  # default: runs anywhere
     with pytest.raises(ValueError, match="kernels_backend"):
         NasfastForMaskedLM(NasfastConfig(vocab_size=50, hidden_size=8, operators=["ffn:8"], max_position_embeddings=8, kernels_backend="cuda"))
