@@ -173,3 +173,14 @@ def test_a_budget_too_tight_for_rejection_is_met_by_repair():
     res = run_search(SPACE, budget, cost, Separable(0), SearchSettings(population=4, generations=3), progress=False)
     feasible = [a for a in itertools.product(range(5), repeat=6) if budget.fits(*cost(a))]
     assert len(res["children"]) == min(12, len(feasible)) and all(c["params"] <= budget.max_params for c in res["children"])
+
+
+def test_budget_counts_parse():
+    import argparse
+
+    from nasfast.cli_nas import count
+
+    assert [count(t) for t in ("1490000", "1.49e6", "1.49M", "500k", "2G", "2.5b")] == [1490000, 1490000, 1490000, 500000, 2 * 10**9, 25 * 10**8]
+    for bad in ("", "-5", "1.2.3", "ten", "5x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count(bad)
