@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-params", type=int, help="parameter budget of (a)-(d) (default 1,490,000; --quick: 33,000)")
     p.add_argument("--bert-heads", type=int, default=2, help="BERT attention heads (head size 64 at H=128, BERT's)")
     p.add_argument("--bert-intermediate", type=int, help="BERT feed-forward size (default 4 x hidden)")
+    p.add_argument("--bert-extra-lrs", type=float, nargs="*",
+                   help="also pretrain BERT at these peak lrs, a sensitivity check beside (d), which uses the run's lr "
+                        "(default 1e-3 5e-4; --quick: none)")
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--generations", type=int, default=6)
     p.add_argument("--search-seed", type=int, default=0)
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.set = QUICK_OVERRIDES + args.set
         args.population, args.generations, args.seeds, args.epochs = 4, 2, [0, 1, 2], 1
     args.max_params = args.max_params or (33_000 if args.quick else 1_490_000)
+    if args.bert_extra_lrs is None:
+        args.bert_extra_lrs = [] if args.quick else [1e-3, 5e-4]
     args.work = Path(args.work or ("/tmp/nasfast_sf_quick" if args.quick else "/tmp/nasfast_sf"))
     args.out = Path(args.out or (args.work / "results" if args.quick else ROOT / "benchmarks" / "results" / "search_finetune"))
     return args
@@ -113,14 +118,20 @@ def bert_params(run, layers: int, heads: int, intermediate: int) -> int:
     return sum(p.numel() for p in model.parameters())  # the decoder is tied to the embedding: counted once
 
 
-def pretrain_standalone(run, model, forward, steps: int) -> dict:
-    """``steps`` steps of the run's exact protocol (as ``nasfast ground-truth`` trains a child)."""
+def pretrain_standalone(run, model, forward, steps: int, lr: float | None = None) -> dict:
+    """``steps`` steps of the run's exact protocol (as ``nasfast ground-truth`` trains a child); ``lr``
+    replaces the run's peak learning rate (everything else unchanged)."""
+    import copy
+
     import torch
 
     from nasfast.evaluation import evaluate_mlm
     from nasfast.trainer import build_optimizer, clip_and_step, lr_lambda, micro_batches
 
-    cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
+    cfg, device, corpus = copy.deepcopy(run.cfg), run.device, run.corpus
+    if lr is not None:
+        cfg.train.lr = lr
+    t = cfg.train
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, steps), steps, t.min_lr_ratio))
     started, losses = time.perf_counter(), []
@@ -138,7 +149,7 @@ def pretrain_standalone(run, model, forward, steps: int) -> dict:
     model.eval()
     dev = evaluate_mlm(lambda i, m, l: forward(model, {"input_ids": i, "attention_mask": m, "labels": l}, None, full=True),
                        run.dev_batches(), device)
-    return {"steps": steps, "final_train_loss": losses[-1], "dev_mlm": dev, "train_time_s": time.perf_counter() - started}
+    return {"steps": steps, "lr": t.lr, "final_train_loss": losses[-1], "dev_mlm": dev, "train_time_s": time.perf_counter() - started}
 
 
 @dataclass
@@ -173,19 +184,21 @@ def build_model(name: str, run, arch, args, bert_layers: int, folder: Path, log:
 
     steps = run.cfg.train.steps
     intermediate = args.bert_intermediate or 4 * run.cfg.model.hidden
+    lr = extra_lr(name)
     describe = (f"BertForMaskedLM L={bert_layers} H={run.cfg.model.hidden} heads={args.bert_heads} ffn={intermediate}"
-                if name == "bert" else run.space.arch_id(arch))
-    log.note(f"# (in this script) pretrain {name} from scratch: {describe}, {steps} steps, the protocol of {run.path}; "
+                if name.startswith("bert") else run.space.arch_id(arch))
+    log.note(f"# (in this script) pretrain {name} from scratch: {describe}, {steps} steps, the protocol of {run.path}"
+             f"{f' with peak lr {lr:g}' if lr else ''}; "
              f"saved as a transformers folder in {folder}")
     if (folder / "pretrain.json").is_file():
         return
     tokenizer = prepare_tokenizer(run.corpus.tokenizer, run.cfg.model.max_len)
     torch.manual_seed(run.cfg.train.seed)  # the same initialisation seed for every model, as in ground truth
-    if name == "bert":
+    if name.startswith("bert"):
         from transformers import BertForMaskedLM
 
         model = BertForMaskedLM(bert_config(run, bert_layers, args.bert_heads, intermediate)).to(run.device)
-        info = pretrain_standalone(run, model, bert_forward, steps)
+        info = pretrain_standalone(run, model, bert_forward, steps, lr)
         _save_bert(model.cpu(), tokenizer, folder)
     else:
         model = StaticModel(run.cfg.model, run.space, arch, run.corpus.vocab_size, backend="eager").to(run.device)
@@ -195,6 +208,16 @@ def build_model(name: str, run, arch, args, bert_layers: int, folder: Path, log:
         save_folder(hf, tokenizer, folder)
     params = sum(p.numel() for p in model.parameters())
     (folder / "pretrain.json").write_text(json.dumps({"model": name, "architecture": describe, "params": params, **info}, indent=2))
+
+
+def extra_lr(name: str) -> float | None:
+    return float(name.removeprefix("bert-lr")) if name.startswith("bert-lr") else None
+
+
+def all_models(args) -> dict:
+    """(a)-(d), then a BERT per extra pretraining lr (not part of the verdict: a sensitivity check)."""
+    extra = {f"bert-lr{lr:g}": f"(d') plain BERT, pretraining lr {lr:g}" for lr in args.bert_extra_lrs}
+    return {**MODELS, **extra}
 
 
 def _save_bert(model, tokenizer, folder: Path) -> None:
@@ -259,16 +282,16 @@ def main(argv=None) -> int:
     archs = {"magic-searched": searches["magic-evolution"]["best"]["arch"], "spos-searched": searches["spos-evolution"]["best"]["arch"],
              "random-child": searches["spos-random"]["children"][0]["arch"]}
 
-    # 3. standalone pretraining of (a)-(d)
+    # 3. standalone pretraining of (a)-(d), and the BERT lr check
     models = {}
-    for name in MODELS:
+    for name in all_models(args):
         folder = work / "models" / name
         build_model(name, run, run.space.parse(archs[name]) if name in archs else None, args, bert_layers, folder, log)
         models[name] = json.loads((folder / "pretrain.json").read_text())
 
     # 4. fine-tuning
     finetunes = {}
-    for name in MODELS:
+    for name in all_models(args):
         for task in args.tasks:
             folder = work / "finetune" / f"{name}-{Path(task).name}"
             ft = ["finetune", "--model", work / "models" / name, "--task", task, "--epochs", args.epochs, "--lr", args.lr,
@@ -311,10 +334,10 @@ def _quick_task(ft: list, task: str, work: Path) -> list:
 
 def collect(args, cfg, run, searches, archs, models, finetunes, bert_layers, log, machine, wall) -> dict:
     rows = []
-    for name, label in MODELS.items():
+    for name, label in all_models(args).items():
         row = {"model": name, "label": label, "architecture": models[name]["architecture"], "params": models[name]["params"],
                "pretrain_steps": models[name]["steps"], "pretrain_dev_mlm_loss": models[name]["dev_mlm"]["loss"],
-               "pretrain_dev_mlm_accuracy": models[name]["dev_mlm"]["accuracy"]}
+               "pretrain_dev_mlm_accuracy": models[name]["dev_mlm"]["accuracy"], "pretrain_lr": models[name].get("lr", cfg.train.lr)}
         for task in args.tasks:
             ft = finetunes[(name, task)]
             t = Path(task).name
@@ -363,7 +386,7 @@ def verdict(report: dict) -> list:
     """Per task: the best model by mean test accuracy, its margin over the runner-up and the seed spread."""
     lines = []
     for task in (Path(t).name for t in report["finetune"]["tasks"]):
-        ranked = sorted(report["rows"], key=lambda r: -r[f"{task}_test"]["mean"])
+        ranked = sorted((r for r in report["rows"] if r["model"] in MODELS), key=lambda r: -r[f"{task}_test"]["mean"])
         first, second = ranked[0], ranked[1]
         margin = 100 * (first[f"{task}_test"]["mean"] - second[f"{task}_test"]["mean"])
         spread = 100 * max(first[f"{task}_test"]["sd"], second[f"{task}_test"]["sd"])
@@ -372,6 +395,12 @@ def verdict(report: dict) -> list:
                      f"{margin:.1f} points above {second['label']} ({100 * second[f'{task}_test']['mean']:.1f}%); the larger "
                      f"seed sd of the two is {spread:.1f} points, so the margin is {where} the seed spread. Order: "
                      + " > ".join(r["model"] for r in ranked) + ".")
+        berts = [r for r in report["rows"] if r["model"].startswith("bert")]
+        if len(berts) > 1:
+            best = max(berts, key=lambda r: r[f"{task}_test"]["mean"])
+            lrs = ", ".join(f"{r['pretrain_lr']:g}" for r in berts)
+            lines.append(f"  BERT over pretraining lrs {lrs}: best {task} test "
+                         f"{_ms(best[f'{task}_test'])} at lr {best['pretrain_lr']:g}.")
     return lines
 
 
