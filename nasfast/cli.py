@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--arch", action="append", help="architecture string, e.g. 'mha:4|ffn:512|...' (repeatable)")
-    from . import cli_analysis
+    from . import cli_analysis, cli_nas
 
     cli_analysis.add_parsers(sub)
+    cli_nas.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,136 @@
+"""Fine-tuning: task files (detection, labels, splits, bad inputs), a run that beats chance, resume, BERT folders."""
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import nasfast
+from conftest import MICRO_OVERRIDES
+from nasfast.cli import main
+from nasfast.config import load_config
+from nasfast.errors import UserError
+from nasfast.finetune import load_task
+from nasfast.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A micro supernet's child exported as a transformers folder."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("finetune")
+    Trainer(load_config(None, MICRO_OVERRIDES), root / "run", progress=False).train()
+    assert main(["export", "--run", str(root / "run"), "--arch", "mha:2|conv:3|ffn:40", "--out", str(root / "model")]) == 0
+    return root / "model"
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sentiment_slice(folder, split, n):
+    path = Path(nasfast.__file__).parent / "tasks" / f"mr_sentiment_{split}.tsv.gz"
+    return write(folder / f"{split}.tsv", gzip.decompress(path.read_bytes()).decode().splitlines()[: n + 1])
+
+
+def test_embedded_tasks():
+    s = load_task("sentiment")
+    assert s.kind == "single" and s.label_names == ["0", "1"]
+    assert (len(s.train.labels), len(s.dev.labels), len(s.test.labels)) == (8454, 1057, 1057)
+    w = load_task("wic")
+    assert w.kind == "pair" and (len(w.train.labels), len(w.dev.labels), len(w.test.labels)) == (6628, 878, 878)
+    assert all(len(t) == 2 and t[0] and t[1] for t in w.train.texts[:50])  # sentence1/sentence2, lemma/pos ignored
+
+
+def test_user_tsv_pair_detection_string_labels_and_seeded_split(tmp_path):
+    rows = ["id\tsentence2\tlabel\tsentence1\tsource"] + [f"{i}\tsecond {i}\t{['yes', 'no', 'maybe'][i % 3]}\tfirst {i}\tx" for i in range(60)]
+    task = load_task(str(write(tmp_path / "t.tsv", rows)), split_seed=3)
+    assert task.kind == "pair" and task.label_names == ["maybe", "no", "yes"]  # sorted strings
+    assert (len(task.train.labels), len(task.dev.labels), len(task.test.labels)) == (48, 6, 6)
+    assert task.train.texts[0][0].startswith("first") and task.train.texts[0][1].startswith("second")
+    seen = [t for s in (task.train, task.dev, task.test) for t in s.texts]
+    assert len(set(seen)) == 60  # disjoint splits covering every example
+    again = load_task(str(tmp_path / "t.tsv"), split_seed=3)
+    assert again.dev.texts == task.dev.texts and load_task(str(tmp_path / "t.tsv"), split_seed=4).dev.texts != task.dev.texts
+    nums = load_task(str(write(tmp_path / "n.tsv", ["label\tsentence"] + [f"{[2, 10, 1][i % 3]}\ts {i}" for i in range(40)])))
+    assert nums.label_names == ["1", "2", "10"]  # integer labels sort numerically
+
+
+def test_bad_task_files_exit_2_with_one_line(exported, tmp_path, capsys):
+    good = write(tmp_path / "good.tsv", ["label\tsentence"] + [f"{i % 2}\tsentence {i}" for i in range(40)])
+    (tmp_path / "latin1.tsv").write_bytes("label\tsentence\n1\tcaf\xe9\n".encode("latin-1"))
+    cases = {
+        "missing label column": (write(tmp_path / "a.tsv", ["text\tsentence", "x\ty"]), [], "no 'label' column"),
+        "missing sentence column": (write(tmp_path / "b.tsv", ["label\ttext", "1\ty"]), [], "needs a 'sentence' column"),
+        "empty": (write(tmp_path / "c.tsv", [""]), [], "is empty"),
+        "header only": (write(tmp_path / "d.tsv", ["label\tsentence"]), [], "no examples"),
+        "non-UTF-8": (tmp_path / "latin1.tsv", [], "not UTF-8"),
+        "ragged row": (write(tmp_path / "e.tsv", ["label\tsentence", "1\ta", "0\tb\textra"]), [], "3 fields, the header has 2"),
+        "one label": (write(tmp_path / "f.tsv", ["label\tsentence"] + [f"1\ts{i}" for i in range(40)]), [], "single label"),
+        "unknown dev label": (good, ["--dev", str(write(tmp_path / "g.tsv", ["label\tsentence", "2\tnew"])),
+                                     "--test", str(good)], "label '2' does not occur"),
+        "pair dev for single task": (good, ["--dev", str(write(tmp_path / "h.tsv", ["label\tsentence1\tsentence2", "1\ta\tb"]))], "pair"),
+        "missing file": (tmp_path / "nope.tsv", [], "not found"),
+        "unknown task name": ("glue", [], "--task must be"),
+    }
+    for name, (task, extra, needle) in cases.items():
+        rc = main(["finetune", "--model", str(exported), "--task", str(task), *extra, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], (name, err)
+    assert main(["finetune", "--model", str(tmp_path), "--task", str(good), "--out", str(tmp_path / "o")]) == 2
+    assert "not a local model folder" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(exported), "--task", str(good), "--max-len", "999", "--out", str(tmp_path / "o")]) == 2
+    assert "position embeddings" in capsys.readouterr().err
+    with pytest.raises(UserError, match="own splits"):
+        load_task("sentiment", dev=str(good))
+
+
+@pytest.mark.slow
+def test_finetune_beats_chance_on_sentiment_and_resumes(exported, tmp_path, capsys):
+    train, dev, test = sentiment_slice(tmp_path, "train", 4000), sentiment_slice(tmp_path, "dev", 1057), sentiment_slice(tmp_path, "test", 1057)
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", str(exported), "--task", str(train), "--dev", str(dev), "--test", str(test), "--epochs", "4",
+            "--lr", "3e-3", "--max-len", "32", "--seeds", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    majority = res["majority_baseline"]["test"]  # 0.528: the test labels are not balanced
+    assert res["test_accuracy"]["mean"] > majority + 0.03 and res["dev_accuracy"]["mean"] > 0.56, res
+    seed = res["seeds"][0]
+    assert seed["dev_accuracy"] == max(e["dev_accuracy"] for e in seed["epochs"])  # the best dev epoch was kept
+    assert json.loads((out / "labels.json").read_text())["id2label"] == ["0", "1"]
+    from transformers import AutoModelForSequenceClassification
+
+    tuned = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
+    assert tuned.config.id2label == {0: "0", 1: "1"} and type(tuned).__name__ == "NasfastForSequenceClassification"
+    assert main(argv) == 0  # rerun: the seed's result comes from OUT/seeds, nothing is trained
+    assert json.loads((out / "results.json").read_text())["seeds"] == res["seeds"]
+    capsys.readouterr()
+    assert main(argv[:-3] + ["--lr", "1e-3", "--out", str(out), "--no-progress"]) == 2  # other settings, same OUT
+    assert "another model, task or settings" in capsys.readouterr().err
+
+
+def test_a_plain_bert_folder_fine_tunes_with_the_same_command(exported, tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=32))
+    bert.save_pretrained(str(tmp_path / "bert"))
+    tokenizer.save_pretrained(str(tmp_path / "bert"))
+    rows = ["label\tsentence1\tsentence2"] + [f"{['same', 'different'][i % 2]}\tthe cat {i}\ta dog {i}" for i in range(50)]
+    task = write(tmp_path / "pairs.tsv", rows)
+    assert main(["finetune", "--model", str(tmp_path / "bert"), "--task", str(task), "--epochs", "1", "--max-len", "16",
+                 "--seeds", "0", "1", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert res["task_kind"] == "pair" and res["labels"] == ["different", "same"] and len(res["seeds"]) == 2
+    assert res["examples"] == {"train": 40, "dev": 5, "test": 5}
+    assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["model_type"] == "bert"
