@@ -1,6 +1,23 @@
 """nasfast: weight-sharing NAS supernets over a BERT search space."""
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+
+def _running_as_cli() -> bool:
+    """The `nasfast` console script or `python -m nasfast` (argv[0] is "-m" while the package imports)."""
+    name = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    return name in ("nasfast", "-m", "__main__.py")
+
 
 # Registers model_type "nasfast" with transformers' Auto classes, so an exported folder loads with
 # AutoModelForMaskedLM / AutoModelForSequenceClassification.from_pretrained after `import nasfast`.
-from . import hf_model as _hf_model  # noqa: E402,F401
+# That import loads torch; a Ctrl-C during it, from the command line, is one line like any other.
+try:
+    from . import hf_model as _hf_model  # noqa: E402,F401
+except KeyboardInterrupt:
+    if not _running_as_cli():
+        raise
+    print("nasfast: interrupted", file=_sys.stderr, flush=True)
+    raise SystemExit(130) from None
