@@ -311,8 +311,12 @@ class DeepSpeedEngine:
         if not self.world.is_main or not folder.is_dir():
             return
         for entry in folder.iterdir():
-            if entry.name != keep_tag:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.name == keep_tag:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     # --- introspection for tests and benchmarks -----------------------------------------------
     def full_parameters(self) -> dict[str, torch.Tensor]:
