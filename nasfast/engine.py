@@ -77,6 +77,16 @@ class Engine(Protocol):
     def describe(self) -> str:
         """One line for summary.json: which engine and layout trained the run."""
 
+    def save_shards(self, step: int) -> dict:
+        """Write per-rank state the Checkpointer's single file cannot hold (every rank, before that file);
+        returns what that file records about it."""
+
+    def load_shards(self, state: dict) -> None:
+        """Restore per-rank state named by a checkpoint read by the Checkpointer."""
+
+    def after_save(self, meta: dict) -> None:
+        """The checkpoint file naming ``meta`` is on disk: drop state it no longer needs."""
+
     def after_load(self, cfg: Config) -> None:
         """Apply resume-time changes (``train.lr``, ``train.steps``) on top of the loaded state."""
 
@@ -129,6 +139,15 @@ class PlainEngine:
 
     def describe(self) -> str:
         return "plain" if not self.world.enabled else f"plain data-parallel x{self.world.size}"
+
+    def save_shards(self, step: int) -> dict:
+        return {}  # everything is in states(): the Checkpointer's one file holds it
+
+    def load_shards(self, state: dict) -> None:
+        pass
+
+    def after_save(self, meta: dict) -> None:
+        pass
 
     def after_load(self, cfg: Config) -> None:
         saved_lr = self.scheduler.base_lrs[0]

@@ -23,7 +23,7 @@ parameter of the head.
 Checkpoints: ZeRO state is partitioned, so every rank writes its shard with DeepSpeed's
 ``save_checkpoint`` into ``checkpoints/deepspeed/step<N>/``; only then does rank 0 write the
 run's checkpoint file (atomic rename), which names that tag. A run killed mid-save therefore still
-points at the previous complete tag, and unreferenced tags are deleted on the next save or start.
+points at the previous complete tag, and older tags are deleted once the new checkpoint names its tag.
 Non-finite weights or optimizer state on any rank refuse the save, as in the plain engine.
 """
 from __future__ import annotations
@@ -305,8 +305,9 @@ class DeepSpeedEngine:
         if path is None:
             raise UserError(f"DeepSpeed could not load {folder / info['tag']}")
 
-    def prune_shards(self, keep_tag: Optional[str]) -> None:
-        """Delete every tag but ``keep_tag`` (rank 0, after the run's checkpoint names ``keep_tag``)."""
+    def after_save(self, meta: dict) -> None:
+        """Delete every tag but the one the run's checkpoint now names (rank 0)."""
+        keep_tag = meta["deepspeed"]["tag"]
         folder = self.run_dir / DS_DIR
         if not self.world.is_main or not folder.is_dir():
             return

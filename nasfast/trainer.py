@@ -142,8 +142,7 @@ class Trainer:
         self.step = 0
         if saved is not None:
             self.step = self.checkpointer.load(saved)
-            if hasattr(self.engine, "load_shards"):  # DeepSpeed: weights and optimizer live in per-rank shards
-                self.engine.load_shards(saved)
+            self.engine.load_shards(saved)  # DeepSpeed: weights and optimizer live in per-rank shards
             self.engine.after_load(cfg)
         kill_point("startup")
         if self.world.is_main:
@@ -261,15 +260,15 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         try:
-            if hasattr(self.engine, "save_shards"):  # every rank writes its shard first; the file below commits it
-                meta.update(self.engine.save_shards(self.step))
+            shards = self.engine.save_shards(self.step)  # every rank writes its shard first; the file below commits it
+            if shards:
+                meta.update(shards)
                 barrier(self.world)
             self.checkpointer.save(self.step, meta)
         except NonFiniteState as exc:
             raise Diverged(f"{exc}; lower train.lr or set train.clip_norm, then --resume") from None
         barrier(self.world)
-        if hasattr(self.engine, "prune_shards"):
-            self.engine.prune_shards(meta["deepspeed"]["tag"])
+        self.engine.after_save(meta)
 
     # --- the end of a run ----------------------------------------------------------------------
     def _finish(self, status: str, dev: dict) -> dict:
