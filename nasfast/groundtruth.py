@@ -31,7 +31,8 @@ from .supernet import StaticModel, child_num_params
 
 PROTOCOL_VERSION = 1
 # Train keys that do not change what a child learns (logging, supernet evaluation, device).
-NOT_PROTOCOL = ("device", "log_every", "eval_every", "eval_batches", "eval_random_children", "ckpt_every")
+NOT_PROTOCOL = ("device", "log_every", "eval_every", "eval_batches", "eval_random_children", "ckpt_every",
+               "deepspeed")  # how a run is executed, not what the ground truth measures
 
 
 def cache_path(out: Path, arch_id: str) -> Path:

@@ -23,12 +23,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from .rng import python_rng
 from .space import Arch, SearchSpace
-
-
-def step_rng(seed: int, step: int, purpose: str = "child") -> random.Random:
-    """A private RNG that is a pure function of (seed, step, purpose); string seeds hash with SHA-512."""
-    return random.Random(f"{purpose}:{seed}:{step}")
 
 
 class Sampler:
@@ -56,7 +52,7 @@ class SPOSSampler(Sampler):
     name = "spos"
 
     def sample(self, step: int) -> Arch:
-        return self.space.random_arch(step_rng(self.seed, step))
+        return self.space.random_arch(python_rng(self.seed, step))
 
 
 def transition(space: SearchSpace, arch: Arch, k: int, rng: random.Random) -> Arch:
@@ -129,7 +125,7 @@ class MagicTSampler(Sampler):
         self._reset()
 
     def _reset(self) -> None:
-        self._step, self._child = 0, self.space.random_arch(step_rng(self.seed, 0))
+        self._step, self._child = 0, self.space.random_arch(python_rng(self.seed, 0))
         self._balanced = BalancedWalk(self.space, self._child) if self.walk == "balanced" else None
 
     def sample(self, step: int) -> Arch:
@@ -137,7 +133,7 @@ class MagicTSampler(Sampler):
             self._reset()
         while self._step < step:
             self._step += 1
-            rng = step_rng(self.seed, self._step)
+            rng = python_rng(self.seed, self._step)
             if self._balanced is not None:
                 self._child = self._balanced.step(self._child, self.k, rng)
             else:

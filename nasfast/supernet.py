@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import rng
 from .backend import OpSet, get_ops
 from .config import ModelConfig
 from .space import Candidate, SearchSpace
@@ -132,11 +133,6 @@ def _init_weights(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.depthwise_weight, std=m.depthwise_weight.shape[1] ** -0.5)
 
 
-def _reseed(layer_seed: Optional[int], layer: int) -> None:
-    if layer_seed is not None:
-        torch.manual_seed((layer_seed * 1_000_003 + layer + 1) % (2**63))
-
-
 class _MaskedLM(nn.Module):
     """Shared body of the supernet and static models: embeddings, head, MLM loss at masked positions."""
 
@@ -177,12 +173,10 @@ class Supernet(_MaskedLM):
         _init_weights(self, cfg.init_std)
         self.set_backend(backend)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids)
-
     def embed(self, input_ids: torch.Tensor, layer_seed: Optional[int] = None) -> torch.Tensor:
-        _reseed(layer_seed, -1)
-        return self.embeddings(input_ids)
+        with rng.isolated(input_ids.device, enabled=layer_seed is not None):
+            rng.maybe_seed_layer(layer_seed, -1)
+            return self.embeddings(input_ids)
 
     def run_layers(
         self,
@@ -195,13 +189,15 @@ class Supernet(_MaskedLM):
         """Run layers ``start..L-1`` of ``arch`` on ``x`` (the output of layer start-1); returns their outputs.
 
         With ``layer_seed``, layer l draws its dropout from a seed derived from (layer_seed, l), so two
-        children that share a prefix of layers compute bitwise-identical hidden states on it.
+        children that share a prefix of layers compute bitwise-identical hidden states on it; the
+        caller's global RNG state is left as it was.
         """
         outputs = []
-        for layer in range(start, len(arch)):
-            _reseed(layer_seed, layer)
-            x = self.layers[layer][arch[layer]](x, token_mask, self.ops)
-            outputs.append(x)
+        with rng.isolated(x.device, enabled=layer_seed is not None):
+            for layer in range(start, len(arch)):
+                rng.maybe_seed_layer(layer_seed, layer)
+                x = self.layers[layer][arch[layer]](x, token_mask, self.ops)
+                outputs.append(x)
         return outputs
 
     def forward(
@@ -262,13 +258,14 @@ class StaticModel(_MaskedLM):
         layer_seed: Optional[int] = None,
     ) -> ModelOutput:
         token_mask = None if attention_mask is None else attention_mask.bool()
-        _reseed(layer_seed, -1)
-        x = self.embeddings(input_ids)
         hidden_states = []
-        for index, layer in enumerate(self.layers):
-            _reseed(layer_seed, index)  # the same dropout draws as the supernet running this child
-            x = layer(x, token_mask, self.ops)
-            hidden_states.append(x)
+        with rng.isolated(input_ids.device, enabled=layer_seed is not None):
+            rng.maybe_seed_layer(layer_seed, -1)
+            x = self.embeddings(input_ids)
+            for index, layer in enumerate(self.layers):
+                rng.maybe_seed_layer(layer_seed, index)  # the same dropout draws as the supernet running this child
+                x = layer(x, token_mask, self.ops)
+                hidden_states.append(x)
         return self.mlm_output(hidden_states, labels)
 
 

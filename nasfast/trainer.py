@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .alignment import AnchorTracker
@@ -31,15 +30,12 @@ from .metrics import MetricsLog, TrainLogger, read_metrics
 from .optim import build_optimizer, clip_and_step, lr_lambda  # noqa: F401  (re-exported: groundtruth, benchmarks)
 from .plots import training_curves
 from .runfolder import RunFolder, check_resume_changes
+from .rng import micro_seed
 from .samplers import build_sampler
 from .supernet import Supernet, child_forward_flops, child_num_params
 
 __all__ = ["CHECKPOINT", "Trainer", "micro_seed", "micro_batches", "build_optimizer", "clip_and_step", "lr_lambda",
            "resolve_device"]
-
-
-def micro_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
 def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()):

@@ -110,3 +110,21 @@ def test_extract_matches_in_training_mode_with_layer_seeds(micro_space):
     assert torch.equal(a.loss, b.loss)
     c = static(ids, None, labels, layer_seed=6)
     assert not torch.equal(a.loss, c.loss)
+
+
+def test_forward_leaves_the_callers_rng_untouched(micro_space):
+    """Dropout is reseeded per layer inside forward; the caller's global RNG stream must not move."""
+    net = make_net(micro_space, dropout=0.2).train()
+    ids = torch.randint(1, 97, (3, 11))
+    arch = tuple(range(micro_space.num_layers))
+    static = net.extract(arch)
+    for call in (lambda: net(ids, None, arch, layer_seed=123), lambda: static(ids, None, layer_seed=123)):
+        torch.manual_seed(7)
+        expected = torch.rand(5)
+        torch.manual_seed(7)
+        call()
+        assert torch.equal(torch.rand(5), expected)
+    # and the dropout draws themselves are still a pure function of the layer seed
+    a = net(ids, None, arch, layer_seed=5).hidden_states[-1]
+    b = net(ids, None, arch, layer_seed=5).hidden_states[-1]
+    assert torch.equal(a, b)
