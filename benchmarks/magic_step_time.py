@@ -24,9 +24,9 @@ VARIANTS = {
     "spos": [],
     "magic-t": [],
     "magic-a": [],
-    "magic-a (no prefix sharing)": ["sampler.prefix_sharing=false"],
+    "magic-a (no prefix sharing)": ["align.prefix_sharing=false"],
     "magic": [],
-    "magic (no prefix sharing)": ["sampler.prefix_sharing=false"],
+    "magic (no prefix sharing)": ["align.prefix_sharing=false"],
 }
 
 
@@ -69,7 +69,7 @@ def main() -> None:
                     tr.train_step(s)
                     times[name].append(time.perf_counter() - t0)
             step += args.steps
-        anchor_every = {n: tr.cfg.sampler.anchor_every for n, tr in trainers.items()}
+        anchor_every = {n: tr.cfg.align.anchor_every for n, tr in trainers.items()}
         backend_of = {n: tr.model.ops.name for n, tr in trainers.items()}
 
     spos = {backend_of[n]: statistics.median(ts) for n, ts in times.items() if n.split(" ")[0] == "spos"}

@@ -40,7 +40,7 @@ def jobs() -> list[dict]:
            for seed in SEEDS for s in ("spos", "magic-t", "magic-a", "magic")]
     out += [{"name": f"{s}-balanced-s{seed}", "sampler": s, "seed": seed, "set": ["sampler.walk=balanced"]}
             for seed in SEEDS for s in ("magic-t", "magic")]
-    out += [{"name": f"magic-a-lambda{lam}-s{seed}", "sampler": "magic-a", "seed": seed, "set": [f"sampler.align_weight={lam}"]}
+    out += [{"name": f"magic-a-lambda{lam}-s{seed}", "sampler": "magic-a", "seed": seed, "set": [f"align.weight={lam}"]}
             for seed in (0, 1) for lam in (0.03, 0.3)]
     return out
 

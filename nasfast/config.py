@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,11 +80,17 @@ class SamplerConfig:
     name: str = "spos"  # spos | magic-t | magic-a | magic
     k: int = 1  # MAGIC-T: layers changed per step (1 = the paper's; k = layers forces every layer to change, not SPOS)
     walk: str = "uniform"  # MAGIC-T: uniform | balanced (shuffled round-robin layers, least-visited candidate)
-    align_weight: float = 0.1  # MAGIC-A: λ of the alignment term
-    anchor_every: int = 20  # MAGIC-A: steps between anchor challenges (anchor and child re-scored together)
-    anchor_init: str = "best:8"  # MAGIC-A: best:N (best of N random children) | random | largest | an arch string
-    anchor_warmup: Optional[int] = None  # MAGIC-A: steps before the anchor is chosen and alignment starts (None: 10% of train.steps)
-    prefix_sharing: bool = True  # MAGIC-A: share the child/anchor common prefix (exact)
+
+
+@dataclass
+class AlignConfig:
+    """MAGIC-A's alignment loss; used by the samplers whose ``aligns`` is true (magic-a, magic)."""
+
+    weight: float = 0.1  # λ of the alignment term
+    anchor_every: int = 20  # steps between anchor challenges (anchor and child re-scored together)
+    anchor_init: str = "best:8"  # best:N (best of N random children) | random | largest | an arch string
+    anchor_warmup: Optional[int] = None  # steps before the anchor is chosen and alignment starts (None: 10% of train.steps)
+    prefix_sharing: bool = True  # share the child/anchor common prefix of layers (exact)
 
     def warmup_steps(self, total_steps: int) -> int:
         return total_steps // 10 if self.anchor_warmup is None else self.anchor_warmup
@@ -101,6 +108,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict:
@@ -158,7 +166,42 @@ REMOVED_KEYS = {
 }
 
 
+# Keys that moved, old name -> new name: still read (run folders and checkpoints saved before the move
+# resume unchanged), with a one-time deprecation message.
+MOVED_KEYS = {
+    "sampler.align_weight": "align.weight",
+    "sampler.anchor_every": "align.anchor_every",
+    "sampler.anchor_init": "align.anchor_init",
+    "sampler.anchor_warmup": "align.anchor_warmup",
+    "sampler.prefix_sharing": "align.prefix_sharing",
+}
+_warned: set[str] = set()
+
+
+def moved_key(name: str) -> str:
+    """The current name of a config key (``name`` itself unless it moved); says so once per process."""
+    new = MOVED_KEYS.get(name)
+    if new is None:
+        return name
+    if name not in _warned:
+        _warned.add(name)
+        print(f"nasfast: config key '{name}' is deprecated, use '{new}' (read as '{new}')", file=sys.stderr)
+    return new
+
+
+def migrate(tree: dict) -> dict:
+    """A saved config dict with moved keys renamed (for comparing old checkpoints with today's config)."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
+            new_section, new_key = new.split(".")
+            out.setdefault(new_section, {})[new_key] = out[old_section].pop(old_key)
+    return out
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    section, _, key = moved_key(f"{section}.{key}").partition(".")
     if f"{section}.{key}" in REMOVED_KEYS:
         raise UserError(f"config key '{section}.{key}' was removed: {REMOVED_KEYS[f'{section}.{key}']}")
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -247,22 +290,22 @@ def validate(cfg: Config) -> None:
     need(cfg.kernels.backend in BACKENDS, f"kernels.backend must be one of {', '.join(BACKENDS)}, got '{cfg.kernels.backend}'")
     need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
     space = build_space(cfg)  # candidate names, head divisibility
-    sc = cfg.sampler
+    sc, al = cfg.sampler, cfg.align
     need(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
-    need(sc.align_weight >= 0, f"sampler.align_weight must be >= 0, got {sc.align_weight}")
-    need(sc.anchor_every > 0, f"sampler.anchor_every must be positive, got {sc.anchor_every}")
+    need(al.weight >= 0, f"align.weight must be >= 0, got {al.weight}")
+    need(al.anchor_every > 0, f"align.anchor_every must be positive, got {al.anchor_every}")
     from .alignment import anchor_init_count
     from .samplers import WALKS
 
     need(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
-    need(sc.anchor_warmup is None or 0 <= sc.anchor_warmup < t.steps,
-         f"sampler.anchor_warmup must be null or in [0, train.steps={t.steps}), got {sc.anchor_warmup}")
+    need(al.anchor_warmup is None or 0 <= al.anchor_warmup < t.steps,
+         f"align.anchor_warmup must be null or in [0, train.steps={t.steps}), got {al.anchor_warmup}")
     try:
-        is_best = anchor_init_count(sc.anchor_init) is not None
+        is_best = anchor_init_count(al.anchor_init) is not None
     except ValueError as exc:
-        raise UserError(f"sampler.anchor_init: {exc}") from None
-    if sc.anchor_init not in ("largest", "random") and not is_best:
-        space.parse(sc.anchor_init)  # raises UserError naming the problem
+        raise UserError(f"align.anchor_init: {exc}") from None
+    if al.anchor_init not in ("largest", "random") and not is_best:
+        space.parse(al.anchor_init)  # raises UserError naming the problem
     if SAMPLERS[sc.name].aligns:
         need(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
                                   "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")

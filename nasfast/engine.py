@@ -93,13 +93,13 @@ class Engine(Protocol):
 
 def child_loss(model, cfg: Config, arch: Arch, batch: dict, layer_seed: int, anchor: Optional[Arch]) -> tuple[torch.Tensor, dict]:
     """MLM loss of ``arch``; with an anchor, + λ · alignment of its hidden states to the anchor's."""
-    sc = cfg.sampler
+    sc, al = cfg.sampler, cfg.align
     if anchor is None:
         loss = model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss
         extras = {"mlm_loss": float(loss.detach()), "align_loss": 0.0} if SAMPLERS[sc.name].aligns else {}
         return loss, extras  # no anchor (yet): MAGIC-A's warm-up trains plain MLM
-    out = aligned_forward(model, batch, arch, anchor, layer_seed, sc.prefix_sharing)
-    return out.mlm_loss + sc.align_weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()),
+    out = aligned_forward(model, batch, arch, anchor, layer_seed, al.prefix_sharing)
+    return out.mlm_loss + al.weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()),
                                                              "align_loss": float(out.align_loss.detach())}
 
 

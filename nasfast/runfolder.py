@@ -23,7 +23,7 @@ import yaml
 
 from .checkpoint import atomic_write_text
 from .checkpointer import CHECKPOINT
-from .config import Config, load_config
+from .config import Config, load_config, migrate
 from .errors import UserError
 from .files import check_output_dir
 from .metrics import dumps
@@ -62,7 +62,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_changes(saved: dict, cfg: Config, source: str = "the checkpoint") -> None:
     """UserError naming the first key outside ``RESUMABLE`` whose value differs from the saved config."""
-    before, now = _flatten(saved), _flatten(cfg.to_dict())
+    before, now = _flatten(migrate(saved)), _flatten(cfg.to_dict())
     for key, old in before.items():
         if key in now and now[key] != old and key not in RESUMABLE:
             raise UserError(f"--resume cannot change {key} ({old!r} in {source}, {now[key]!r} asked): it would no longer "

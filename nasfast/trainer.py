@@ -157,13 +157,13 @@ class Trainer:
 
     def _build_anchor(self) -> AnchorTracker:
         """MAGIC-A's anchor, scored on the anchor-selection split (disjoint from self.dev)."""
-        sc, t = self.cfg.sampler, self.cfg.train
+        al, t = self.cfg.align, self.cfg.train
         anchor_data = self.corpus.anchor_batches(t.batch_size)
 
         def score(archs):
             return [evaluate_child(self.model, arch, anchor_data, self.device)["loss"] for arch in archs]
 
-        return AnchorTracker(self.space, sc.anchor_init, t.seed, sc.anchor_every, sc.warmup_steps(t.steps), score=score)
+        return AnchorTracker(self.space, al.anchor_init, t.seed, al.anchor_every, al.warmup_steps(t.steps), score=score)
 
     @property
     def model(self) -> torch.nn.Module:

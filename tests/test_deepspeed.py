@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _overrides(sampler: str) -> list[str]:
-    extra = ["sampler.anchor_every=1", "sampler.anchor_init=random", "sampler.anchor_warmup=1", "data.anchor_blocks=4"]
+    extra = ["align.anchor_every=1", "align.anchor_init=random", "align.anchor_warmup=1", "data.anchor_blocks=4"]
     return MICRO_OVERRIDES + [f"sampler.name={sampler}", f"train.steps={STEPS}", "train.ckpt_every=100",
                               "train.eval_every=100", "train.grad_accum=2"] + (extra if sampler == "magic" else [])
 
