@@ -38,7 +38,7 @@ def main() -> None:
     from nasfast.config import build_space, load_config
     from nasfast.data import build_corpus
     from nasfast.supernet import StaticModel, Supernet
-    from nasfast.trainer import build_optimizer, clip_and_step
+    from nasfast.optim import build_optimizer, clip_and_step
 
     cfg = load_config(args.config, args.set)
     space = build_space(cfg)

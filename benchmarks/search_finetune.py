@@ -126,7 +126,8 @@ def pretrain_standalone(run, model, forward, steps: int, lr: float | None = None
     import torch
 
     from nasfast.evaluation import evaluate_mlm
-    from nasfast.trainer import build_optimizer, clip_and_step, lr_lambda, micro_batches
+    from nasfast.data import micro_batches
+    from nasfast.optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, device, corpus = copy.deepcopy(run.cfg), run.device, run.corpus
     if lr is not None:
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     from machine import describe
 
     from nasfast.config import load_config, save_config
-    from nasfast.runs import open_run
+    from nasfast.analysis.runs import open_run
 
     started = time.time()
     work, out = args.work, args.out

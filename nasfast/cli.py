@@ -6,29 +6,11 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
+from . import cli_analysis, cli_nas
+from .cli_common import COMMANDS, command, quiet_libraries
 from .errors import BUG_REPORT, UserError
-
-COMMANDS: dict[str, Callable] = {}
-
-
-def command(name: str):
-    def register(fn: Callable) -> Callable:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-
-    datasets.disable_progress_bar()
-    datasets.logging.set_verbosity_error()
 
 
 @command("pretrain")
@@ -56,7 +38,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         ds_env_defaults()
         load_ds_config(cfg.train.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    _quiet_libraries()
+    quiet_libraries()
     trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     summary = trainer.train()
     if not trainer.world.is_main:
@@ -122,8 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--arch", action="append", help="architecture string, e.g. 'mha:4|ffn:512|...' (repeatable)")
-    from . import cli_analysis, cli_nas
-
     cli_analysis.add_parsers(sub)
     cli_nas.add_parsers(sub)
     return parser

@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import _quiet_libraries, command
+from .cli_common import command, quiet_libraries
 from .errors import UserError
 from .files import check_output_dir, check_output_file
 
@@ -68,8 +68,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 @command("interference")
 def cmd_interference(args: argparse.Namespace) -> int:
-    from . import interference
-    from .runs import open_run
+    from .analysis import interference
+    from .analysis.runs import open_run
 
     run = open_run(args.run)
     interference.check_request(run.space, args.layer, args.candidate, args.distances)  # before loading weights
@@ -77,7 +77,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
         raise UserError(f"--batches must be >= 1, got {args.batches}")
     safe = args.candidate.replace(":", "")
     out = check_output_dir(args.out if args.out else run.path / "interference" / f"layer{args.layer}-{safe}", "--out")
-    _quiet_libraries()
+    quiet_libraries()
     model = run.supernet()
     report = interference.measure(
         model, run.space, args.layer, args.candidate, run.dev_batches(args.batches), run.device,
@@ -92,23 +92,23 @@ def cmd_interference(args: argparse.Namespace) -> int:
 
 
 def _read_archs(run, path):
-    from .archlist import read_archs
+    from .analysis.archlist import read_archs
 
     return read_archs(path, run.space)
 
 
 @command("ground-truth")
 def cmd_ground_truth(args: argparse.Namespace) -> int:
-    from .groundtruth import run_ground_truth
-    from .ranking import fmt
-    from .runs import open_run
+    from .analysis.groundtruth import run_ground_truth
+    from .analysis.ranking import fmt
+    from .analysis.runs import open_run
 
     run = open_run(args.run)
     if args.seed is not None:
         run = run.with_seed(args.seed)
     archs = _read_archs(run, args.archs)
     out = check_output_dir(args.out if args.out else run.path / "ground_truth", "--out")
-    _quiet_libraries()
+    quiet_libraries()
     res = run_ground_truth(run, archs, out, steps=args.steps, dev_batches=args.dev_batches, limit=args.limit,
                            progress=not args.no_progress)
     print(f"{len(res['computed'])} trained, {len(res['cached'])} cached, {len(res['remaining'])} remaining "
@@ -123,13 +123,13 @@ def cmd_ground_truth(args: argparse.Namespace) -> int:
 @command("evaluate")
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
-    from .estimates import inherited_estimates
-    from .runs import open_run
+    from .analysis.estimates import inherited_estimates
+    from .analysis.runs import open_run
 
     run = open_run(args.run)
     archs = _read_archs(run, args.archs)
     out = check_output_file(args.out if args.out else run.path / "estimates.json", "--out")
-    _quiet_libraries()
+    quiet_libraries()
     res = inherited_estimates(run, archs, args.dev_batches, progress=not args.no_progress)
     atomic_write_text(out, json.dumps(res, indent=2))
     for r in res["results"]:
@@ -140,9 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @command("rank")
 def cmd_rank(args: argparse.Namespace) -> int:
-    from . import plots
+    from .analysis import plots
     from .checkpoint import atomic_write_text
-    from .ranking import check_same_dev, fmt, load_results, rank_correlation
+    from .analysis.ranking import check_same_dev, fmt, load_results, rank_correlation
 
     estimates, truth = load_results(args.estimates), load_results(args.truth)
     out = check_output_dir(args.out if args.out else Path(args.estimates).parent, "--out")
@@ -166,7 +166,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 @command("sample-archs")
 def cmd_sample_archs(args: argparse.Namespace) -> int:
-    from .archlist import stratified_archs, write_archs
+    from .analysis.archlist import stratified_archs, write_archs
     from .config import build_space, load_config
     from .supernet import child_num_params
 

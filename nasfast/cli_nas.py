@@ -8,7 +8,7 @@ import argparse
 import re
 from pathlib import Path
 
-from .cli import _quiet_libraries, command
+from .cli_common import command, quiet_libraries
 from .errors import UserError
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
@@ -77,14 +77,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 @command("search")
 def cmd_search(args: argparse.Namespace) -> int:
-    from .runs import open_run
+    from .analysis.runs import open_run
     from .search import Budget, SearchSettings, search_run
 
     budget = Budget(args.max_params, args.max_flops)
     settings = SearchSettings(args.strategy, args.population, args.generations, args.parents, args.mutation_prob,
                               args.crossover, args.seed, args.top_k)
     run = open_run(args.run)
-    _quiet_libraries()
+    quiet_libraries()
     out = Path(args.out) if args.out else run.path / f"search-{args.strategy}"
     res = search_run(run, budget, settings, out, args.dev_batches, progress=not args.no_progress)
     ev = res["evaluations"]
@@ -98,11 +98,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_child, resolve_arch
-    from .runs import open_run
+    from .analysis.runs import open_run
 
     run = open_run(args.run)
     arch = resolve_arch(run.space, args.arch)
-    _quiet_libraries()
+    quiet_libraries()
     out = export_child(run, arch, Path(args.out), args.backend)
     print(f"{run.space.arch_id(arch)} (inherited weights, backend {args.backend}) -> {out}")
     return 0
@@ -117,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir} is not a local model folder (no config.json)")
     task = load_task(args.task, args.dev, args.test, args.split_seed)
-    _quiet_libraries()
+    quiet_libraries()
     res = finetune(model_dir, task, settings, Path(args.out), progress=not args.no_progress)
     for r in res["seeds"]:
         print(f"  seed {r['seed']}: dev {r['dev_accuracy']:.4f}  test {r['test_accuracy']:.4f}  (best epoch {r['best_epoch']})")

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .distributed import World
 from .errors import UserError, warn
+from .rng import micro_seed
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEV_SPLIT_SEED = 20220717  # fixed: the dev set does not depend on the training seed
@@ -345,3 +347,13 @@ def _build_corpus(cfg: DataConfig, run_dir: Optional[Path], fresh: bool, require
     if data_dir is not None:
         _install(cached, data_dir)
     return _load(cached, cfg.mlm_probability)
+
+
+def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()):
+    """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
+    functions of (seed, step, micro, rank) only. Shared by the supernet trainer and standalone children."""
+    for micro in range(t.grad_accum):
+        seed = micro_seed(t.seed, step, micro, world.rank)
+        torch.manual_seed(seed)  # masking; dropout is reseeded per layer from the same seed
+        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size, world.rank, world.size)
+        yield seed, {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}

@@ -11,7 +11,6 @@ run-folder guarantees (atomic, never non-finite, validated on load) live for bot
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Protocol
 
 import torch
@@ -24,31 +23,6 @@ from .errors import UserError
 from .optim import build_optimizer, build_scheduler, clip_and_step, retarget_schedule
 from .samplers import SAMPLERS
 from .space import Arch
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is available")
-    if name == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(name)
-
-
-def check_backend(name: str, device: torch.device) -> None:
-    """Fail at start-up, with the reason, if ``kernels.backend`` cannot run on ``device``."""
-    from .backend import get_ops
-
-    if name == "auto":  # falls back to eager (with a warning) by itself
-        return
-    try:
-        get_ops(name, device)
-    except (RuntimeError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"kernels.backend={name} cannot run here: {reason}") from None
 
 
 class Engine(Protocol):

@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 
 from .errors import UserError
-from .runs import Run
+from .analysis.runs import Run
 from .space import Arch, SearchSpace
 
 
@@ -28,7 +28,7 @@ def resolve_arch(space: SearchSpace, text: str) -> Arch:
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path} is not a search.json (no best.arch)") from None
     if "|" not in text and path.is_file():
-        from .archlist import read_archs
+        from .analysis.archlist import read_archs
 
         return read_archs(path, space)[0]
     if "|" not in text and space.num_layers > 1:

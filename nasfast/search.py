@@ -259,7 +259,7 @@ def run_search(
 
     for generation in range(settings.generations):
         batch: list[Child] = []
-        parents = [c.arch for c in sorted(children, key=lambda c: (c.score, c.arch))[: settings.parents]]
+        parents = [c.arch for c in sorted(children, key=lambda c: (c.score, space.arch_id(c.arch)))[: settings.parents]]
         while len(batch) < settings.population:
             if settings.strategy == "random" or generation == 0:
                 arch = sampler.random(seen)
@@ -276,7 +276,7 @@ def run_search(
         if exhausted:
             break
     bar.close()
-    ranked = sorted(children, key=lambda c: (c.score, c.arch))
+    ranked = sorted(children, key=lambda c: (c.score, space.arch_id(c.arch)))  # ties: by the arch string users see
     record = lambda c: {"arch": space.arch_id(c.arch), "params": c.params, "flops": c.flops, "generation": c.generation,  # noqa: E731
                         "origin": c.origin, **c.scores}
     return {
@@ -303,9 +303,9 @@ class SupernetScorer:
         self._model = None
 
     def protocol(self) -> dict:
-        from .groundtruth import _file_sha1
-        from .runs import dev_description
-        from .trainer import CHECKPOINT
+        from .analysis.groundtruth import _file_sha1
+        from .analysis.runs import dev_description
+        from .checkpointer import CHECKPOINT
 
         ckpt = self.run.path / CHECKPOINT
         if not ckpt.is_file():
@@ -349,7 +349,7 @@ def search_run(run, budget: Budget, settings: SearchSettings, out: Path, dev_bat
 
 def plot_search(path: Path, result: dict) -> None:
     """Score vs params of every evaluated child, coloured by generation; the Pareto front highlighted."""
-    from .plots import _pyplot
+    from .metrics import pyplot as _pyplot
 
     plt = _pyplot()
     children = result["children"]

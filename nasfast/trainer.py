@@ -20,32 +20,19 @@ import torch
 from .alignment import AnchorTracker
 from .checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from .config import Config, build_space
-from .data import Corpus, build_corpus
+from .data import Corpus, build_corpus, micro_batches
 from .distributed import World, barrier, init_from_env, reduce_step_state
-from .engine import Engine, build_engine, check_backend, resolve_device
+from .device import check_backend, resolve_device
+from .engine import Engine, build_engine
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
 from .faults import kill_point
-from .metrics import MetricsLog, TrainLogger, read_metrics
-from .optim import build_optimizer, clip_and_step, lr_lambda  # noqa: F401  (re-exported: groundtruth, benchmarks)
-from .plots import training_curves
+from .metrics import MetricsLog, TrainLogger, read_metrics, training_curves
 from .runfolder import RunFolder, check_resume_changes
-from .rng import micro_seed
 from .samplers import build_sampler
 from .supernet import Supernet, child_forward_flops, child_num_params
 
-__all__ = ["CHECKPOINT", "Trainer", "micro_seed", "micro_batches", "build_optimizer", "clip_and_step", "lr_lambda",
-           "resolve_device"]
-
-
-def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()):
-    """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
-    functions of (seed, step, micro, rank) only. Shared by the supernet trainer and standalone children."""
-    for micro in range(t.grad_accum):
-        seed = micro_seed(t.seed, step, micro, world.rank)
-        torch.manual_seed(seed)  # masking; dropout is reseeded per layer from the same seed
-        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size, world.rank, world.size)
-        yield seed, {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
+__all__ = ["Trainer", "Diverged"]
 
 
 class Diverged(Exception):
@@ -251,10 +238,9 @@ class Trainer:
     def save_checkpoint(self, log: Optional[TrainLogger] = None) -> None:
         if log is not None:
             log.sync()  # every metrics line up to this step is on disk before the checkpoint says so
-        meta = {
-            "data_position": {"micro_steps_done": self.step * self.cfg.train.grad_accum, "seed": self.cfg.train.seed},
-            "config": self.cfg.to_dict(),
-        }
+        # The config is checked on resume; the data position needs no field of its own: the batch of step s
+        # is a pure function of (train.seed, s), both already saved.
+        meta = {"config": self.cfg.to_dict()}
         try:
             shards = self.engine.save_shards(self.step)  # every rank writes its shard first; the file below commits it
             if shards:

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast.archlist import read_archs, stratified_archs
+from nasfast.analysis.archlist import read_archs, stratified_archs
 from nasfast.cli import main
 from nasfast.config import load_config, save_config
 from nasfast.errors import UserError
 from nasfast.evaluation import evaluate_child
-from nasfast.groundtruth import cache_path, run_ground_truth
-from nasfast.interference import check_request, child_pass, compare, cosine, sample_partner
-from nasfast.ranking import kendall, rank_correlation, spearman
-from nasfast.runs import open_run
+from nasfast.analysis.groundtruth import cache_path, run_ground_truth
+from nasfast.analysis.interference import check_request, child_pass, compare, cosine, sample_partner
+from nasfast.analysis.ranking import kendall, rank_correlation, spearman
+from nasfast.analysis.runs import open_run
 from nasfast.space import hamming
 from nasfast.supernet import child_num_params
 from nasfast.trainer import Trainer
@@ -258,7 +258,7 @@ def test_observation2_controls_for_distance():
     strongly positive, the partial one given d is not; a real within-d relation is detected."""
     import numpy as np
 
-    from nasfast.interference import correlations
+    from nasfast.analysis.interference import correlations
 
     rng = np.random.default_rng()
     pairs = []

@@ -11,7 +11,7 @@ import pytest
 
 from nasfast.checkpoint import load
 from nasfast.cli import main
-from nasfast.trainer import CHECKPOINT
+from nasfast.checkpointer import CHECKPOINT
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

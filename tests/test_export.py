@@ -10,7 +10,7 @@ import torch
 from conftest import MICRO_OVERRIDES
 from nasfast.cli import main
 from nasfast.config import load_config
-from nasfast.runs import open_run
+from nasfast.analysis.runs import open_run
 from nasfast.trainer import Trainer
 
 # Identity layers, attention and convolutions (whose padding masks matter), feed-forward.

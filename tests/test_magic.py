@@ -11,7 +11,8 @@ from nasfast.metrics import read_metrics
 from nasfast.samplers import build_sampler
 from nasfast.space import hamming
 from nasfast.supernet import Supernet
-from nasfast.trainer import CHECKPOINT, Trainer
+from nasfast.checkpointer import CHECKPOINT
+from nasfast.trainer import Trainer
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -10,7 +10,7 @@ from conftest import MICRO_OVERRIDES
 from nasfast.cli import main
 from nasfast.config import load_config
 from nasfast.errors import UserError
-from nasfast.runs import open_run
+from nasfast.analysis.runs import open_run
 from nasfast.search import Budget, ScoreCache, SearchSettings, pareto_front, run_search, Child
 from nasfast.space import SearchSpace
 from nasfast.supernet import child_forward_flops, child_num_params

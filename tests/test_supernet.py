@@ -5,7 +5,7 @@ import torch
 
 from nasfast.config import ModelConfig
 from nasfast.supernet import Supernet
-from nasfast.trainer import build_optimizer
+from nasfast.optim import build_optimizer
 
 
 def make_net(space, dropout=0.0, vocab=97):

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 
-from .checkpointer import CHECKPOINT, load_model_state, read_checkpoint
-from .config import Config, build_space, load_config
-from .data import Corpus, build_corpus
-from .engine import check_backend, resolve_device
-from .errors import UserError
-from .space import SearchSpace
+from ..checkpointer import CHECKPOINT, load_model_state, read_checkpoint
+from ..config import Config, build_space, load_config
+from ..data import Corpus, build_corpus
+from ..device import check_backend, resolve_device
+from ..errors import UserError
+from ..space import SearchSpace
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Run:
 
     def supernet(self):
         """The supernet with the checkpoint's weights, in eval mode (dropout off)."""
-        from .supernet import Supernet
+        from ..supernet import Supernet
 
         ckpt = self.path / CHECKPOINT
         if not ckpt.is_file():

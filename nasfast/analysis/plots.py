@@ -4,14 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..metrics import pyplot as _pyplot
 
 
 def errorbar(path: Path, x: Sequence, mean: Sequence, std: Sequence, xlabel: str, ylabel: str, title: str) -> None:
@@ -39,25 +32,6 @@ def scatter_panels(path: Path, panels: list[dict], title: str) -> None:
         ax.set(xlabel=p["xlabel"], ylabel=p["ylabel"], title=p.get("title", ""))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def training_curves(path: Path, records: list[dict], unigram: float | None = None) -> None:
-    """Train loss per logged step and dev MLM loss of each representative child (from metrics.jsonl)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="0.6", lw=1, label="train loss (sampled child)")
-    evals = [r for r in records if "dev" in r]
-    for name in (evals[-1]["dev"] if evals else {}):
-        points = [(r["step"], r["dev"][name]["loss"]) for r in evals if name in r["dev"]]
-        ax.plot(*zip(*points), marker="o", ms=3, label=f"dev {name}")
-    if unigram is not None:
-        ax.axhline(unigram, color="k", ls="--", lw=1, label=f"unigram baseline {unigram:.2f}")
-    ax.set(xlabel="step", ylabel="MLM loss (nats)", title="supernet pretraining")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
-from .errors import UserError
+from ..checkpoint import atomic_write_text
+from ..errors import UserError
 from .ranking import fmt, spearman
-from .space import Arch, SearchSpace
+from ..space import Arch, SearchSpace
 
 
 @dataclass

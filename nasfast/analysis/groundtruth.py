@@ -22,12 +22,12 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
-from .errors import UserError
-from .evaluation import evaluate_mlm
+from ..checkpoint import atomic_write_text
+from ..errors import UserError
+from ..evaluation import evaluate_mlm
 from .runs import Run, dev_description
-from .space import Arch
-from .supernet import StaticModel, child_num_params
+from ..space import Arch
+from ..supernet import StaticModel, child_num_params
 
 PROTOCOL_VERSION = 1
 # Train keys that do not change what a child learns (logging, supernet evaluation, device).
@@ -66,7 +66,8 @@ def protocol_key(proto: dict) -> str:
 
 def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     """Train ``arch`` from scratch as a StaticModel for ``steps`` steps; its dev loss/accuracy."""
-    from .trainer import build_optimizer, clip_and_step, lr_lambda, micro_batches
+    from ..data import micro_batches
+    from ..optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
     torch.manual_seed(t.seed)  # the same initialisation seed for every child
