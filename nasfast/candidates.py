@@ -292,8 +292,9 @@ class Identity(Candidate):
 class GatedFeedForward(Candidate):
     """``geglu:d``: gated feed-forward, ``down(GELU(gate(x)) * up(x))`` with inner size ``d``.
 
-    GLU variants (Shazeer 2020, "GLU Variants Improve Transformer") give lower masked-LM perplexity
-    than the plain GELU FFN at the same parameters and FLOPs and are the FFN of T5.1.1, PaLM and
+    GLU variants (Shazeer 2020, "GLU Variants Improve Transformer") reached lower pre-training
+    (span-corruption, a masked-LM relative) perplexity than the plain GELU FFN at the same parameters
+    and FLOPs and are the FFN of T5.1.1, PaLM and
     LLaMA. In this space they let the search weigh a gated against a plain FFN at one budget: with
     ``d`` = 2/3 of an ``ffn``'s inner size, ``geglu:d`` has about the same parameters and FLOPs.
     Three projections with biases (gate, up, down) and the post-LN tail of every sub-layer.
