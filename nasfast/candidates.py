@@ -14,7 +14,10 @@ and which carries everything the rest of nasfast needs to know about it:
 
 ``@register_candidate`` makes a kind usable in ``space.candidates``, arch ids and exported models;
 it works from outside the package too (a kind defined in your own module is registered once that
-module is imported)::
+module is imported, which must happen before a config or an exported model naming it is loaded)::
+
+    class LowRankModule(CandidateModule):          # forward(x, token_mask, ops), init_weights(init)
+        ...
 
     @register_candidate
     @dataclass(frozen=True)
@@ -24,7 +27,11 @@ module is imported)::
         rank: int
         def num_params(self, hidden): ...
         def forward_flops(self, hidden, seq_len): ...
-        def build(self, hidden, cfg): ...
+        def build(self, hidden, cfg): return LowRankModule(hidden, self.rank)
+
+``tests/test_candidates.py`` registers exactly this kind and trains it. Module classes that read a
+sub-module's parameters in their own forward (as ``Sublayer`` reads its LayerNorm) must derive from
+``CandidateModule``: ZeRO-3 then gathers each one whole.
 """
 from __future__ import annotations
 
@@ -109,7 +116,7 @@ class Candidate:
         raise NotImplementedError(f"{type(self).__name__}.build")
 
 
-# --- modules --------------------------------------------------------------------------------------
+# --- module bases -------------------------------------------------------------------------------
 class CandidateModule(nn.Module):
     """Base of the modules candidates build: ``forward(x, token_mask, ops)`` and an init hook."""
 
@@ -122,7 +129,7 @@ class CandidateModule(nn.Module):
 
 
 class Sublayer(CandidateModule):
-    """Base of every non-identity candidate: owns the LayerNorm of the post-LN tail."""
+    """Base of the post-LN sub-layers (op -> dropout -> residual add -> LayerNorm): owns the LayerNorm."""
 
     def __init__(self, hidden: int, cfg: ModelConfig):
         super().__init__()
@@ -135,6 +142,7 @@ class Sublayer(CandidateModule):
         )
 
 
+# --- the kinds: each is its module and its registered class ------------------------------------------
 class AttentionCandidate(Sublayer):
     def __init__(self, hidden: int, heads: int, cfg: ModelConfig):
         super().__init__(hidden, cfg)
@@ -149,56 +157,6 @@ class AttentionCandidate(Sublayer):
         return self.tail(ops, self.proj(ctx), x)
 
 
-class FeedForwardCandidate(Sublayer):
-    def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.fc1 = nn.Linear(hidden, inner)
-        self.fc2 = nn.Linear(inner, hidden)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
-        return self.tail(ops, self.fc2(inner), x)
-
-
-class GatedFeedForwardCandidate(Sublayer):
-    """GEGLU feed-forward: ``down(GELU(gate(x)) * up(x))``."""
-
-    def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.gate = nn.Linear(hidden, inner)
-        self.up = nn.Linear(hidden, inner)
-        self.down = nn.Linear(inner, hidden)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.gate.weight), self.gate.bias) * self.up(x)
-        return self.tail(ops, self.down(inner), x)
-
-
-class ConvCandidate(Sublayer):
-    """Separable convolution: depthwise conv (width k) + bias + GELU, then pointwise projection."""
-
-    def __init__(self, hidden: int, width: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.depthwise_weight = nn.Parameter(torch.empty(hidden, width))
-        self.depthwise_bias = nn.Parameter(torch.zeros(hidden))
-        self.pointwise = nn.Linear(hidden, hidden)
-
-    def init_weights(self, init) -> None:
-        # fan-in of a depthwise filter is its width, not the hidden size the generic std is set for
-        init.normal_(self.depthwise_weight, std=self.depthwise_weight.shape[1] ** -0.5)
-        init.zeros_(self.depthwise_bias)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        y = ops.dwconv_bias_gelu(x, self.depthwise_weight, self.depthwise_bias, token_mask)
-        return self.tail(ops, self.pointwise(y), x)
-
-
-class IdentityCandidate(CandidateModule):
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        return x
-
-
-# --- the kinds --------------------------------------------------------------------------------------
 @register_candidate
 @dataclass(frozen=True)
 class MultiHeadAttention(Candidate):
@@ -224,6 +182,17 @@ class MultiHeadAttention(Candidate):
         return AttentionCandidate(hidden, self.heads, cfg)
 
 
+class FeedForwardCandidate(Sublayer):
+    def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
+        super().__init__(hidden, cfg)
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
+        inner = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return self.tail(ops, self.fc2(inner), x)
+
+
 @register_candidate
 @dataclass(frozen=True)
 class FeedForward(Candidate):
@@ -244,47 +213,18 @@ class FeedForward(Candidate):
         return FeedForwardCandidate(hidden, self.inner, cfg)
 
 
-@register_candidate
-@dataclass(frozen=True)
-class SeparableConv(Candidate):
-    """``conv:k``: depthwise conv of odd width ``k`` along the sequence (+ bias, GELU), then pointwise."""
+class GatedFeedForwardCandidate(Sublayer):
+    """GEGLU feed-forward: ``down(GELU(gate(x)) * up(x))``."""
 
-    kind: ClassVar[str] = "conv"
-    usage: ClassVar[str] = "conv:<odd width>"
-    width: int
+    def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
+        super().__init__(hidden, cfg)
+        self.gate = nn.Linear(hidden, inner)
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden)
 
-    def __post_init__(self) -> None:
-        if self.width % 2 == 0:  # "same" padding centred on the token needs an odd width
-            raise UserError(f"candidate '{self.name}': convolution width must be odd")
-
-    def num_params(self, hidden: int) -> int:
-        H = hidden
-        return H * self.width + H + H * H + H + LAYERNORM_PARAMS_PER_H * H  # depthwise (+bias) + pointwise (+bias)
-
-    def forward_flops(self, hidden: int, seq_len: int) -> int:
-        H, T = hidden, seq_len
-        return 2 * T * H * self.width + 2 * T * H * H
-
-    def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return ConvCandidate(hidden, self.width, cfg)
-
-
-@register_candidate
-@dataclass(frozen=True)
-class Identity(Candidate):
-    """``identity``: the layer is skipped; no parameters, no computation."""
-
-    kind: ClassVar[str] = "identity"
-    usage: ClassVar[str] = "identity"
-
-    def num_params(self, hidden: int) -> int:
-        return 0
-
-    def forward_flops(self, hidden: int, seq_len: int) -> int:
-        return 0
-
-    def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return IdentityCandidate()
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
+        inner = ops.bias_gelu(F.linear(x, self.gate.weight), self.gate.bias) * self.up(x)
+        return self.tail(ops, self.down(inner), x)
 
 
 @register_candidate
@@ -313,3 +253,70 @@ class GatedFeedForward(Candidate):
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
         return GatedFeedForwardCandidate(hidden, self.inner, cfg)
+
+
+class ConvCandidate(Sublayer):
+    """Separable convolution: depthwise conv (width k) + bias + GELU, then pointwise projection."""
+
+    def __init__(self, hidden: int, width: int, cfg: ModelConfig):
+        super().__init__(hidden, cfg)
+        self.depthwise_weight = nn.Parameter(torch.empty(hidden, width))
+        self.depthwise_bias = nn.Parameter(torch.zeros(hidden))
+        self.pointwise = nn.Linear(hidden, hidden)
+
+    def init_weights(self, init) -> None:
+        # fan-in of a depthwise filter is its width, not the hidden size the generic std is set for
+        init.normal_(self.depthwise_weight, std=self.depthwise_weight.shape[1] ** -0.5)
+        init.zeros_(self.depthwise_bias)
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
+        y = ops.dwconv_bias_gelu(x, self.depthwise_weight, self.depthwise_bias, token_mask)
+        return self.tail(ops, self.pointwise(y), x)
+
+
+@register_candidate
+@dataclass(frozen=True)
+class SeparableConv(Candidate):
+    """``conv:k``: depthwise conv of odd width ``k`` along the sequence (+ bias, GELU), then pointwise."""
+
+    kind: ClassVar[str] = "conv"
+    usage: ClassVar[str] = "conv:<odd width>"
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.width % 2 == 0:  # "same" padding centred on the token needs an odd width
+            raise UserError(f"candidate '{self.name}': convolution width must be odd")
+
+    def num_params(self, hidden: int) -> int:
+        H = hidden
+        return H * self.width + H + H * H + H + LAYERNORM_PARAMS_PER_H * H  # depthwise (+bias) + pointwise (+bias)
+
+    def forward_flops(self, hidden: int, seq_len: int) -> int:
+        H, T = hidden, seq_len
+        return 2 * T * H * self.width + 2 * T * H * H
+
+    def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
+        return ConvCandidate(hidden, self.width, cfg)
+
+
+class IdentityCandidate(CandidateModule):
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
+        return x
+
+
+@register_candidate
+@dataclass(frozen=True)
+class Identity(Candidate):
+    """``identity``: the layer is skipped; no parameters, no computation."""
+
+    kind: ClassVar[str] = "identity"
+    usage: ClassVar[str] = "identity"
+
+    def num_params(self, hidden: int) -> int:
+        return 0
+
+    def forward_flops(self, hidden: int, seq_len: int) -> int:
+        return 0
+
+    def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
+        return IdentityCandidate()

@@ -1,9 +1,8 @@
 """The search space (docs/protocols.md §1): L layers, each picks one candidate operator.
 
-Candidates are the registered kinds of ``nasfast.candidates`` (``mha:h``, ``ffn:d``, ``geglu:d``,
-``conv:k``, ``identity`` and any kind registered with ``register_candidate``). Every (layer,
-candidate) owns its own weights, so two children share weights exactly where they pick the same
-candidate at a layer.
+Candidates are the kinds registered in ``nasfast.candidates`` (``mha:h``, ``ffn:d``, ``conv:k``,
+``identity``, … and any kind registered with ``register_candidate``). Every (layer, candidate) owns
+its own weights, so two children share weights exactly where they pick the same candidate at a layer.
 """
 from __future__ import annotations
 
