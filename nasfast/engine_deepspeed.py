@@ -194,7 +194,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         from .optim import lr_lambda
-        from .supernet import AttentionCandidate, ConvCandidate, FeedForwardCandidate
+        from .candidates import CandidateModule
 
         self.cfg, self.world, self.device, self.run_dir = cfg, world, device, run_dir
         _single_process_group(device)
@@ -202,7 +202,9 @@ class DeepSpeedEngine:
         self.stage = int(ds_config["zero_optimization"].get("stage", 0))
         if self.stage == 3:
             # a candidate reads its LayerNorm weights inside its own forward: gather the module whole
-            deepspeed.utils.set_z3_leaf_modules(model, [AttentionCandidate, FeedForwardCandidate, ConvCandidate])
+            # (every registered kind's module class that holds parameters, so a new kind needs no entry here)
+            leaves = {type(m) for m in model.modules() if isinstance(m, CandidateModule) and next(m.parameters(), None) is not None}
+            deepspeed.utils.set_z3_leaf_modules(model, sorted(leaves, key=lambda c: c.__qualname__))
         self.optimizer = ChildAdamW(candidate_param_groups(model, cfg), lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
         t = cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))

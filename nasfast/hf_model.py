@@ -36,8 +36,8 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, Seque
 from .backend import BACKENDS, get_ops
 from .config import ModelConfig
 from .errors import UserError
-from .space import Candidate
-from .supernet import ConvCandidate, Embeddings, MLMHead, build_candidate
+from .candidates import Candidate, CandidateModule
+from .supernet import Embeddings, MLMHead
 
 MODEL_TYPE = "nasfast"
 
@@ -96,9 +96,8 @@ class NasfastPreTrainedModel(PreTrainedModel):
         # The base class covers Linear / Embedding / LayerNorm with initializer_range; the parameters the
         # supernet adds by hand get the supernet's initialisation. ``init.*`` skips weights loaded from disk.
         super()._init_weights(module)
-        if isinstance(module, ConvCandidate):
-            init.normal_(module.depthwise_weight, std=module.depthwise_weight.shape[1] ** -0.5)
-            init.zeros_(module.depthwise_bias)
+        if isinstance(module, CandidateModule):
+            module.init_weights(init)
         elif isinstance(module, MLMHead):
             init.zeros_(module.bias)
 
@@ -112,9 +111,15 @@ class NasfastModel(NasfastPreTrainedModel):
             raise ValueError(f"kernels_backend must be one of {', '.join(BACKENDS)}, got '{config.kernels_backend}'")
         mcfg = config.model_config()
         self.embeddings = Embeddings(config.vocab_size, mcfg)
-        self.layers = nn.ModuleList(build_candidate(Candidate.parse(n), config.hidden_size, mcfg) for n in config.operators)
+        self.layers = nn.ModuleList(self._candidate(n, config.hidden_size).build(config.hidden_size, mcfg) for n in config.operators)
         self._ops: dict = {}
         self.post_init()
+
+    @staticmethod
+    def _candidate(token: str, hidden: int) -> Candidate:
+        cand = Candidate.parse(token)  # a kind registered outside nasfast must be imported before loading
+        cand.validate(hidden)
+        return cand
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.tokens

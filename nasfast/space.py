@@ -1,8 +1,8 @@
 """The search space (docs/protocols.md §1): L layers, each picks one candidate operator.
 
-Candidates are named ``mha:h`` (self-attention, h heads), ``ffn:d`` (feed-forward, inner size d),
-``conv:k`` (separable convolution, width k) and ``identity``. Every (layer, candidate) owns its own
-weights, so two children share weights exactly where they pick the same candidate at a layer.
+Candidates are the kinds registered in ``nasfast.candidates`` (``mha:h``, ``ffn:d``, ``conv:k``,
+``identity``, … and any kind registered with ``register_candidate``). Every (layer, candidate) owns
+its own weights, so two children share weights exactly where they pick the same candidate at a layer.
 """
 from __future__ import annotations
 
@@ -10,62 +10,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .candidates import CANDIDATES, Candidate
 from .errors import UserError
 
-KINDS = ("mha", "ffn", "conv", "identity")
-LAYERNORM_PARAMS_PER_H = 2  # weight + bias
-
-
-@dataclass(frozen=True)
-class Candidate:
-    kind: str
-    size: int = 0  # heads for mha, inner size for ffn, width for conv, 0 for identity
-
-    @property
-    def name(self) -> str:
-        return "identity" if self.kind == "identity" else f"{self.kind}:{self.size}"
-
-    @staticmethod
-    def parse(text: str) -> "Candidate":
-        text = str(text).strip()
-        if text == "identity":
-            return Candidate("identity", 0)
-        kind, sep, size = text.partition(":")
-        if not sep or kind not in KINDS or kind == "identity" or not size.isdigit() or int(size) <= 0:
-            raise UserError(
-                f"unknown candidate '{text}': expected one of mha:<heads>, ffn:<inner>, conv:<odd width>, identity"
-            )
-        cand = Candidate(kind, int(size))
-        if kind == "conv" and cand.size % 2 == 0:
-            raise UserError(f"candidate '{text}': convolution width must be odd")
-        return cand
-
-    def num_params(self, hidden: int) -> int:
-        """Exact parameter count of this candidate's sub-layer (op + its LayerNorm)."""
-        H = hidden
-        ln = LAYERNORM_PARAMS_PER_H * H
-        if self.kind == "mha":
-            return 4 * H * H + 4 * H + ln  # fused qkv + output projection, with biases
-        if self.kind == "ffn":
-            return 2 * H * self.size + self.size + H + ln
-        if self.kind == "conv":
-            return H * self.size + H + H * H + H + ln  # depthwise (+bias) + pointwise (+bias)
-        return 0
-
-    def forward_flops(self, hidden: int, seq_len: int) -> int:
-        """Exact matmul/conv FLOPs (2 per multiply-add) of one sequence through this sub-layer.
-
-        Elementwise work (GELU, softmax, LayerNorm, bias adds) is not counted, the usual convention
-        and what ``torch.utils.flop_counter`` counts.
-        """
-        H, T = hidden, seq_len
-        if self.kind == "mha":
-            return 2 * T * H * 3 * H + 2 * T * T * H * 2 + 2 * T * H * H
-        if self.kind == "ffn":
-            return 2 * T * H * self.size * 2
-        if self.kind == "conv":
-            return 2 * T * H * self.size + 2 * T * H * H
-        return 0
+__all__ = ["CANDIDATES", "Candidate", "SearchSpace", "Arch", "hamming"]
 
 
 Arch = tuple  # a tuple of L candidate indices into SearchSpace.candidates
@@ -86,8 +34,7 @@ class SearchSpace:
         if len(set(names)) != len(names):
             raise UserError(f"space.candidates has duplicates: {names}")
         for c in self.candidates:
-            if c.kind == "mha" and self.hidden % c.size:
-                raise UserError(f"candidate '{c.name}': hidden size {self.hidden} is not divisible by {c.size} heads")
+            c.validate(self.hidden)
 
     @staticmethod
     def from_names(num_layers: int, names: Iterable[str], hidden: int) -> "SearchSpace":

@@ -1,8 +1,9 @@
 """The weight-sharing supernet and the static child models extracted from it.
 
 One data flow: embeddings -> L mixed layers (each runs the child's candidate for that layer) ->
-MLM head tied to the token embedding. Every candidate is a post-LN sub-layer
-(op -> dropout -> residual add -> LayerNorm); the fused parts go through the backend's OpSet.
+MLM head tied to the token embedding. The candidates' modules come from their registered kinds
+(``nasfast.candidates``): post-LN sub-layers (op -> dropout -> residual add -> LayerNorm) whose fused
+parts go through the backend's OpSet, or identity.
 """
 from __future__ import annotations
 
@@ -15,77 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rng
-from .backend import OpSet, get_ops
+from .backend import get_ops
 from .config import ModelConfig
-from .space import Candidate, SearchSpace
-
-
-class Sublayer(nn.Module):
-    """Base of every non-identity candidate: owns the LayerNorm of the post-LN tail."""
-
-    def __init__(self, hidden: int, cfg: ModelConfig):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden, eps=cfg.layer_norm_eps)
-        self.dropout = cfg.dropout
-
-    def tail(self, ops: OpSet, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return ops.add_dropout_layernorm(
-            out, residual, self.norm.weight, self.norm.bias, self.dropout, self.training, self.norm.eps
-        )
-
-
-class AttentionCandidate(Sublayer):
-    def __init__(self, hidden: int, heads: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        ctx = ops.attention(q, k, v, token_mask).transpose(1, 2).reshape(B, T, H)
-        return self.tail(ops, self.proj(ctx), x)
-
-
-class FeedForwardCandidate(Sublayer):
-    def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.fc1 = nn.Linear(hidden, inner)
-        self.fc2 = nn.Linear(inner, hidden)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
-        return self.tail(ops, self.fc2(inner), x)
-
-
-class ConvCandidate(Sublayer):
-    """Separable convolution: depthwise conv (width k) + bias + GELU, then pointwise projection."""
-
-    def __init__(self, hidden: int, width: int, cfg: ModelConfig):
-        super().__init__(hidden, cfg)
-        self.depthwise_weight = nn.Parameter(torch.empty(hidden, width))
-        self.depthwise_bias = nn.Parameter(torch.zeros(hidden))
-        self.pointwise = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        y = ops.dwconv_bias_gelu(x, self.depthwise_weight, self.depthwise_bias, token_mask)
-        return self.tail(ops, self.pointwise(y), x)
-
-
-class IdentityCandidate(nn.Module):
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        return x
-
-
-def build_candidate(cand: Candidate, hidden: int, cfg: ModelConfig) -> nn.Module:
-    if cand.kind == "mha":
-        return AttentionCandidate(hidden, cand.size, cfg)
-    if cand.kind == "ffn":
-        return FeedForwardCandidate(hidden, cand.size, cfg)
-    if cand.kind == "conv":
-        return ConvCandidate(hidden, cand.size, cfg)
-    return IdentityCandidate()
+from .candidates import CandidateModule
+from .space import SearchSpace
 
 
 class Embeddings(nn.Module):
@@ -129,8 +63,10 @@ def _init_weights(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, ConvCandidate):
-            nn.init.normal_(m.depthwise_weight, std=m.depthwise_weight.shape[1] ** -0.5)
+        elif isinstance(m, CandidateModule):
+            # pre-order: a candidate's own parameters are drawn before its sub-modules' (the draw order
+            # every existing run was initialised with)
+            m.init_weights(nn.init)
 
 
 class _MaskedLM(nn.Module):
@@ -167,7 +103,7 @@ class Supernet(_MaskedLM):
         self.cfg, self.space, self.vocab_size = cfg, space, vocab_size
         self.embeddings = Embeddings(vocab_size, cfg)
         self.layers = nn.ModuleList(
-            nn.ModuleList(build_candidate(c, cfg.hidden, cfg) for c in space.candidates) for _ in range(space.num_layers)
+            nn.ModuleList(c.build(cfg.hidden, cfg) for c in space.candidates) for _ in range(space.num_layers)
         )
         self.head = MLMHead(vocab_size, cfg)
         _init_weights(self, cfg.init_std)
@@ -241,7 +177,7 @@ class StaticModel(_MaskedLM):
         self.cfg, self.space, self.arch, self.vocab_size = cfg, space, tuple(arch), vocab_size
         if build:
             self.embeddings = Embeddings(vocab_size, cfg)
-            self.layers = nn.ModuleList(build_candidate(space.candidates[c], cfg.hidden, cfg) for c in arch)
+            self.layers = nn.ModuleList(space.candidates[c].build(cfg.hidden, cfg) for c in arch)
             self.head = MLMHead(vocab_size, cfg)
             _init_weights(self, cfg.init_std)
         self.set_backend(backend)

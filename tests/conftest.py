@@ -59,7 +59,8 @@ def micro_config() -> Config:
 
 @pytest.fixture
 def micro_space() -> SearchSpace:
-    return SearchSpace.from_names(3, ["mha:2", "mha:3", "ffn:40", "conv:3", "conv:5", "identity"], 24)
+    cfg = load_config(None, MICRO_OVERRIDES)  # the one candidate list of the micro setup
+    return SearchSpace.from_names(cfg.space.layers, cfg.space.candidates, cfg.model.hidden)
 
 
 @pytest.fixture(scope="session")

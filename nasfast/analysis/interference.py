@@ -96,8 +96,8 @@ def check_request(space: SearchSpace, layer: int, candidate: str, distances: Opt
     if candidate not in names:
         raise UserError(f"--candidate '{candidate}' is not in the space ({', '.join(names)})")
     choice = names.index(candidate)
-    if space.candidates[choice].kind == "identity":
-        raise UserError("--candidate identity has no parameters, so no gradient to compare")
+    if space.candidates[choice].num_params(space.hidden) == 0:
+        raise UserError(f"--candidate {candidate} has no parameters, so no gradient to compare")
     if len(space.candidates) < 2:
         raise UserError("the space has one candidate per layer: no partner can differ from the base")
     D = L - 1 if distances is None else distances
