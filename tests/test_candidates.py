@@ -17,7 +17,7 @@ from nasfast.config import ModelConfig, load_config
 from nasfast.errors import UserError
 from nasfast.space import SearchSpace
 from nasfast.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
-from nasfast.trainer import build_optimizer
+from nasfast.optim import build_optimizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H = 24
@@ -100,7 +100,7 @@ def test_toy_kind_trains_one_supernet_step():
 
 def test_toy_kind_trains_through_the_trainer_and_reloads(tmp_path):
     """Config -> space -> supernet -> trainer -> checkpoint -> open_run, with nothing but this file's class."""
-    from nasfast.runs import open_run
+    from nasfast.analysis.runs import open_run
     from nasfast.trainer import Trainer
 
     torch.set_num_threads(1)
