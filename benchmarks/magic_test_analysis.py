@@ -228,8 +228,10 @@ def analyze(results: Path, reps: int = 4000) -> dict:
         if n_seeds < 2:
             report["missing"].append(f"ground truth {child_set}: {n_seeds} of 2 seeds complete")
     # ceiling and floors
-    th = truth["hard"]
-    report["ceiling_hard"] = kendall([th[0][a] for a in hard], [th[1][a] for a in hard]) if all(a in th[0] and a in th[1] for a in hard) else None
+    for child_set, archs in (("hard", hard), ("easy", easy)):
+        th = truth[child_set]
+        complete = 0 in th and 1 in th and all(a in th[0] and a in th[1] for a in archs)
+        report[f"ceiling_{child_set}"] = kendall([th[0][a] for a in archs], [th[1][a] for a in archs]) if complete else None
     if gt_mean["hard"]:
         report["floors_hard"] = proxies(space, hard, gt_mean["hard"])
         vals = np.array([gt_mean["hard"][a] for a in hard])
@@ -317,6 +319,8 @@ def write_table(path: Path, r: dict) -> None:
              f"= {f(r['ceiling_hard'])}; spread {r.get('truth_spread_hard')}.", "",
              "Zero-cost floors (hard set, τ with mean ground truth): "
              + ", ".join(f"{k} {f(v)}" for k, v in (r.get("floors_hard") or {}).items()), "",
+             f"Easy set: replicate τ (ceiling) = {f(r.get('ceiling_easy'))}; zero-cost floors: "
+             + ", ".join(f"{k} {f(v)}" for k, v in (r.get("floors_easy") or {}).items()), "",
              "## Primary: per-seed Δτ = τ(method) − τ(spos), hard set", "",
              "| method | mean Δτ | SE | 95% bootstrap CI | per seed | verdict |", "|---|---|---|---|---|---|"]
     for m, d in r["delta_tau_hard"].items():
