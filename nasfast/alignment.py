@@ -7,12 +7,12 @@ state there (prefix sharing) and those layers add exactly zero to the loss.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .rng import python_rng
 from .space import Arch, SearchSpace
 
 
@@ -89,7 +89,7 @@ class AnchorTracker:
             self.fixed = None
 
     def _initial(self) -> Arch:
-        rng = random.Random(f"anchor:{self.seed}")
+        rng = python_rng(self.seed, purpose="anchor")  # the same draws as the historical "anchor:{seed}" seed
         if self.init == "largest":
             return self.space.largest()
         if self.init == "random":

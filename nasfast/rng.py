@@ -58,9 +58,9 @@ def numpy_rng(seed: int, purpose: str, *indices: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, purpose, *indices))
 
 
-def python_rng(seed: int, step: int, purpose: str = "child") -> random.Random:
+def python_rng(seed: int, step: Optional[int] = None, purpose: str = "child") -> random.Random:
     """A private ``random.Random`` for (seed, step, purpose); string seeds hash with SHA-512."""
-    return random.Random(f"{purpose}:{seed}:{step}")
+    return random.Random(f"{purpose}:{seed}" if step is None else f"{purpose}:{seed}:{step}")
 
 
 @contextlib.contextmanager

@@ -17,12 +17,13 @@ from typing import Optional
 
 import torch
 
+from . import rng
 from .alignment import AnchorTracker
 from .checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from .config import Config, build_space
 from .data import Corpus, build_corpus, micro_batches
-from .distributed import World, barrier, init_from_env, reduce_step_state
 from .device import check_backend, resolve_device
+from .distributed import World, barrier, init_from_env, reduce_step_state
 from .engine import Engine, build_engine
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
@@ -110,8 +111,10 @@ class Trainer:
         barrier(self.world)
         if not self.world.is_main:
             self.corpus = build_corpus(cfg.data, self.run_dir, require=True)
-        torch.manual_seed(t.seed)
-        model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager").to(self.device)
+        with rng.isolated("cpu"):  # weights are initialised on the CPU from train.seed; the caller's RNG is kept
+            rng.seed_global(t.seed)
+            model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager")
+        model = model.to(self.device)
         model.set_backend(cfg.kernels.backend, self.device)
         self.engine: Engine = build_engine(model, cfg, self.world, self.device, self.run_dir)
         self.sampler = build_sampler(cfg.sampler.name, self.space, t.seed, k=cfg.sampler.k, walk=cfg.sampler.walk)
@@ -192,7 +195,8 @@ class Trainer:
             self.clock.start()
             with StopSignals() as signals:  # also while the last checkpoint and the summary are written
                 try:
-                    status = self._loop(log, signals)
+                    with rng.isolated(self.device):  # whatever still reseeds torch's global RNG stays inside
+                        status = self._loop(log, signals)
                 except Diverged as exc:
                     status, self.diverged = "diverged", str(exc)
                 self.clock.stop()

@@ -48,6 +48,20 @@ def test_resume_is_bitwise_identical(micro_config, tmp_path):
     assert la == lb
 
 
+
+def test_building_and_training_leave_the_callers_rng_untouched(micro_config, tmp_path):
+    """Init, masking and dropout draw from their own seeded streams, not from the caller's global RNG."""
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    trainer = Trainer(micro_config, tmp_path / "r", progress=False)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(12)
+    expected = torch.rand(4)
+    torch.manual_seed(12)
+    trainer.train()
+    assert torch.equal(torch.rand(4), expected)
+
 def test_refuses_to_overwrite_a_run(micro_config, tmp_path):
     import pytest
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import rng
 from ..checkpoint import atomic_write_text
 from ..errors import UserError
 from ..evaluation import evaluate_mlm
@@ -70,8 +71,10 @@ def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     from ..optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
-    torch.manual_seed(t.seed)  # the same initialisation seed for every child
-    model = StaticModel(cfg.model, run.space, arch, corpus.vocab_size, backend="eager").to(device)
+    with rng.isolated("cpu"):  # the same initialisation seed for every child; the caller's RNG is kept
+        rng.seed_global(t.seed)
+        model = StaticModel(cfg.model, run.space, arch, corpus.vocab_size, backend="eager")
+    model = model.to(device)
     model.set_backend(cfg.kernels.backend, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, steps), steps, t.min_lr_ratio))
