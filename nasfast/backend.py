@@ -84,22 +84,26 @@ class OpInputs:
 
 _OPS: dict[str, FusedOp] = {}
 _LOCK = threading.RLock()
-_BUILTINS_LOADED = False
+_BUILTINS = {"loaded": False, "loading": False}
 
 
 def _ensure_builtin_ops() -> None:
     """Register the built-in ops on first use (their module imports this one: no import cycle)."""
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
+    if _BUILTINS["loaded"] or _BUILTINS["loading"]:
         return
     with _LOCK:
-        if not _BUILTINS_LOADED:
-            importlib.import_module("nasfast.kernels.builtin_ops")
-            _BUILTINS_LOADED = True
+        if not (_BUILTINS["loaded"] or _BUILTINS["loading"]):
+            _BUILTINS["loading"] = True
+            try:
+                importlib.import_module("nasfast.kernels.builtin_ops")
+                _BUILTINS["loaded"] = True
+            finally:
+                _BUILTINS["loading"] = False
 
 
 def register_op(op: FusedOp) -> FusedOp:
     """Add ``op`` to the registry (a name registered twice is an error: one place per op)."""
+    _ensure_builtin_ops()  # the built-ins come first, whoever registers first
     with _LOCK:
         if op.name in _OPS:
             raise ValueError(f"fused op '{op.name}' is already registered")
