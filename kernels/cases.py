@@ -376,11 +376,22 @@ class Rule:
 DEFAULT_RULE = Rule()
 
 
-def judge(case: Case, ops, eager=reference, rule: Rule = DEFAULT_RULE) -> List[Check]:
-    """Apply ``rule`` to ``ops`` on ``case``: output, every gradient, and the no-grad output.
+def rule_of(op: str) -> Rule:
+    """The op's registered error rule: the default, with the op's ``tolerance`` overrides."""
+    tolerance = registry.get_op(op).tolerance
+    if not tolerance:
+        return DEFAULT_RULE
+    floor = {**FLOOR, **tolerance.get("floor", {})}
+    return replace(DEFAULT_RULE, **{**tolerance, "floor": floor})
+
+
+def judge(case: Case, ops, eager=reference, rule: Optional[Rule] = None) -> List[Check]:
+    """Apply ``rule`` (default: the op's registered rule) to ``ops`` on ``case``: output, every
+    gradient, and the no-grad output.
 
     ``ops`` is anything with the op as an attribute (an OpSet, a backend module); so is ``eager``
     (default: the references; an op registered elsewhere is found through the registry)."""
+    rule = rule or rule_of(case.spec.op)
     if not hasattr(eager, case.spec.op):
         eager = registry.get_ops("eager")
     dtype = case.spec.dtype

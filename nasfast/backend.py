@@ -66,6 +66,9 @@ class FusedOp:
     # realistic-size benchmark case: bench(sizes) -> (CaseSpec kwargs, shape string); sizes has
     # B, T, H, heads, layers, ffn, k, dropout, keep_mask
     bench: Optional[Callable[[Mapping[str, Any]], tuple]] = None
+    # the op's error rule where it differs from the default (nasfast.kernels.cases.Rule fields:
+    # eager_factor, floor per dtype); tests may still pass a stricter rule of their own
+    tolerance: Mapping[str, Any] = field(default_factory=dict)
     # extra allowed error per output beyond the error rule (a documented accuracy bound), or None
     allowance: Optional[Callable[[Any], dict]] = None
     validate: Optional[Callable[[Any], None]] = None  # raises ValueError for a CaseSpec the op cannot take

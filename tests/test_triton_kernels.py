@@ -19,7 +19,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nasfast.backend import get_ops
+from nasfast.backend import get_op, get_ops
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
@@ -71,7 +71,8 @@ def padding_mask(B, T):
 def judge(spec, ops, case=None):
     """The strict rule on the output, every gradient and the no-grad output; records the ratios."""
     case = case or cases.build(spec, DEV)
-    checks = cases.judge(case, ops, rule=STRICT)
+    # the built-ins register no tolerance of their own: 2x eager; a new op may document its own
+    checks = cases.judge(case, ops, rule=cases.rule_of(spec.op) if get_op(spec.op).tolerance else STRICT)
     for c in checks:
         key = f"{spec.op}/{str(spec.dtype).split('.')[-1]}/{c.name}"
         RATIOS[key] = max(RATIOS.get(key, 0.0), c.err / max(c.eager_err, 1e-30))
@@ -247,7 +248,7 @@ def test_torch_compile_treats_ops_as_opaque():
 @pytest.mark.slow
 def test_convergence_matches_eager():
     """A few dozen SGD steps of a small post-LN block stack: fused and eager losses stay together."""
-    from nasfast.backend import get_ops
+    from nasfast.backend import get_op, get_ops
 
     B, T, H, NH = 4, 13, 24, 2
     torch.manual_seed(0)
