@@ -1,8 +1,9 @@
-"""Shared benchmark cases: one realistic call per fused op at the tiny and base widths.
+"""Shared benchmark cases: one realistic call per registered fused op at the tiny and base widths.
 
 Baselines are the eager references (nasfast.kernels.reference, via nasfast.backend); the fused side
 is nasfast.native. ``make_case(op, width)`` returns fresh inputs (from the shared generator
-``nasfast.kernels.cases.bench_inputs``) and a ``run(ops, backward)`` closure.
+``nasfast.kernels.cases.bench_inputs``, at the op's registered benchmark case) and a
+``run(ops, backward)`` closure. ``OPS``: every registered op, so a new op is benchmarked too.
 Shapes follow configs tiny (H=128, B=32, T=128, ffn 4H, 4 heads, 6 layers) and base (H=768,
 12 heads, 24 layers) at a smaller B*T (B=4, T=128) so the base cases run in seconds on a 2-core CPU.
 """
@@ -13,7 +14,10 @@ from typing import Callable
 
 import torch
 
-from nasfast.kernels.cases import OPS, bench_inputs  # noqa: F401  (OPS: re-exported for the bench scripts)
+from nasfast.backend import op_names
+from nasfast.kernels.cases import bench_inputs
+
+OPS = op_names()  # every registered op (re-exported for the bench scripts)
 
 WIDTHS = {
     "tiny": dict(B=32, T=128, H=128, heads=4, layers=6),
@@ -35,15 +39,8 @@ def make_case(op: str, width: str) -> Case:
     """Inputs from the shared generator (nasfast.kernels.cases); dropout draws its own pattern."""
     w = WIDTHS[width]
     B, T, H = w["B"], w["T"], w["H"]
-    _, inputs, bound = bench_inputs(op, B, T, H, heads=w["heads"], layers=w["layers"], ffn=4 * H,
-                                    dtype=torch.float32, device="cpu", k=CONV_K, dropout=DROPOUT_P, keep_mask=False)
-    shape = {
-        "bias_gelu": f"x[{B},{T},{4 * H}]",
-        "add_dropout_layernorm": f"x[{B},{T},{H}] p={DROPOUT_P} train",
-        "dwconv_bias_gelu": f"x[{B},{T},{H}] k={CONV_K} masked",
-        "attention": f"q[{B},{w['heads']},{T},{H // w['heads']}] masked",
-        "alignment_loss": f"{w['layers']} x [{B},{T},{H}] masked",
-    }[op]
+    shape, inputs, bound = bench_inputs(op, B, T, H, heads=w["heads"], layers=w["layers"], ffn=4 * H,
+                                        dtype=torch.float32, device="cpu", k=CONV_K, dropout=DROPOUT_P, keep_mask=False)
     call = lambda ops: bound(ops, *inputs)  # noqa: E731
 
     grad_cache: dict = {}

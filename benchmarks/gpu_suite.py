@@ -4,6 +4,9 @@ Run (one H200, < 8 min; --quick for a ~1 min smoke run):
 
     python benchmarks/gpu_suite.py --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
 
+Every registered fused op (``nasfast.backend``) is covered; an op the triton backend does not
+implement gets one row saying so (it runs the eager reference).
+
 1. correctness: each Triton op (forward, every gradient, no-grad forward) vs a float64 evaluation
    of the eager reference, by the rule of ``nasfast.kernels.cases.judge``
    (|triton - fp64| <= 3 |eager - fp64| + floor, plus attention's documented rounding allowance), on
@@ -32,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-OPS = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
+from nasfast.backend import get_op, get_ops, op_names
+
+OPS = op_names()  # every registered fused op
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WIDTHS = {  # shapes follow configs/tiny.yaml and configs/base.yaml
     "tiny": dict(B=32, T=128, H=128, heads=4, ffn=512, layers=6),
@@ -160,28 +165,30 @@ def correctness_specs(ops: list, dtype) -> list:
     padded case per op, from nasfast.kernels.cases, restricted to ``ops``."""
     from nasfast.kernels.cases import CaseSpec, layout_cases
 
-    small = [
-        CaseSpec("bias_gelu", B=3, T=37, H=200, dtype=dtype, seed=1),
-        CaseSpec("add_dropout_layernorm", B=3, T=37, H=72, dropout=0.1, dtype=dtype, seed=1),
-        CaseSpec("dwconv_bias_gelu", B=3, T=37, H=72, k=5, mask="lengths", dtype=dtype, seed=1),
-        CaseSpec("attention", B=3, heads=3, T=37, dh=24, mask="lengths", dtype=dtype, seed=1),
-        CaseSpec("alignment_loss", B=3, T=37, H=72, layers=3, mask="lengths", dtype=dtype, seed=1),
-    ]
-    return [s for s in small + layout_cases(dtype) if s.op in ops]
+    # one realistic padded case per op: its benchmark case at small sizes
+    sizes = dict(B=3, T=37, H=72, heads=3, layers=3, ffn=200, k=5, dropout=0.1, keep_mask=True)
+    small = [CaseSpec(op, **{**get_op(op).bench(sizes)[0], "dtype": dtype, "seed": 1})
+             for op in ops if get_op(op).bench is not None]
+    return small + layout_cases(dtype, ops)
 
 
 def check_correctness(ops: list, rows: list, device: str = "cuda") -> bool:
     """Triton vs the fp64 rule of nasfast.kernels.cases.judge: one row per case, its worst check."""
     import torch
 
-    from nasfast.kernels import cases, triton_ops
+    from nasfast.kernels import cases
 
+    triton = get_ops("triton", device)
+    for op in ops:
+        if op not in triton.fused:
+            rows.append(Row("correctness", op, impl="triton", note="not implemented by triton: eager reference"))
+    ops = [op for op in ops if op in triton.fused]
     all_ok = True
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         dname = str(dtype).split(".")[-1]
         for spec in correctness_specs(ops, dtype):
             try:
-                checks = cases.judge(cases.build(spec, device), triton_ops)
+                checks = cases.judge(cases.build(spec, device), triton)
                 worst = max(checks, key=lambda c: (not c.ok, c.err / max(c.allowed, 1e-30)))
                 ok = all(c.ok for c in checks)
                 note = "; ".join(cases.failures(checks))[:300]
@@ -213,17 +220,20 @@ def _bench(fn: Callable, quick: bool):
 def time_kernels(args, rows: list) -> None:
     import torch
 
-    from nasfast.kernels import reference, triton_ops
-
     dtype = getattr(torch, DTYPES[args.dtype])
+    eager, triton = get_ops("eager"), get_ops("triton", "cuda")
     compiled = None
     if not args.no_compile:
-        compiled = {op: torch.compile(getattr(reference, op), dynamic=False) for op in args.ops}
+        compiled = {op: torch.compile(get_op(op).reference, dynamic=False) for op in args.ops}
     widths = QUICK_WIDTHS if args.quick else WIDTHS
     for width in args.widths:
         for op in args.ops:
             shape, inputs, call = _cases(op, widths[width], dtype, "cuda")
-            impls = {"eager": reference, "triton": triton_ops}
+            impls = {"eager": eager}
+            if op in triton.fused:
+                impls["triton"] = triton
+            else:
+                rows.append(Row("kernel", op, width, shape, args.dtype, "triton", note="not implemented by triton"))
             if compiled is not None:
                 impls["compiled"] = type("C", (), {op: staticmethod(compiled[op])})
             eager_ms = {}

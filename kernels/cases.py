@@ -1,7 +1,10 @@
-"""Generated inputs for the five fused ops, and the float64 error rule that judges a backend on them.
+"""Generated inputs for the fused ops, and the float64 error rule that judges a backend on them.
 
 The one case generator shared by the tests (fixed cases and property-based ones), the GPU suite
-(``benchmarks/gpu_suite.py``) and the CPU benchmarks (``benchmarks/bench_cases.py``).
+(``benchmarks/gpu_suite.py``) and the CPU benchmarks (``benchmarks/bench_cases.py``). It knows no op
+by name: each op's inputs, argument names, fixed cases and benchmark shape come from its
+registration (``nasfast.backend.FusedOp``; the built-ins are in ``nasfast.kernels.builtin_ops``), so
+a newly registered op is generated, judged and benchmarked like the others.
 
 A :class:`CaseSpec` names an op, its sizes, dtype, input magnitude, padding mask, dropout, and one
 memory *layout* per tensor argument (and for the incoming gradient). :func:`build` turns it into a
@@ -12,7 +15,8 @@ through the reference in float64 on the same (already rounded) values, the truth
     max|backend - truth| <= 3 * max|eager - truth| + FLOOR[dtype] * max(1, max|truth|)
 
 to the output and to each gradient (plus the documented accuracy bound of an op, where it has one:
-see :func:`documented_bound`). A forward under ``torch.no_grad`` is judged too.
+see :func:`documented_bound`). A forward under ``torch.no_grad`` is judged too. A stricter
+:class:`Rule` (another factor or floor, no documented bound) can be passed to :func:`judge`.
 
 Layouts (same values and shape, different strides; gaps in the storage hold NaN, so an op that
 reads memory it does not own produces NaN rather than a plausible wrong number):
@@ -29,17 +33,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from nasfast import backend as registry
 from nasfast.kernels import reference
 
-OPS = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
 LAYOUTS = ("contiguous", "transposed", "strided", "offset", "permuted", "broadcast")
 MASKS = (None, "full", "mixed", "all_pad", "first", "last")  # token_mask() also knows "lengths"
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 EAGER_FACTOR = 3.0
+
+
+def __getattr__(name: str):
+    if name == "OPS":  # every registered op (also ones registered after this module was imported)
+        return registry.op_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------- specs
@@ -59,16 +69,19 @@ class CaseSpec:
     scale: float = 1.0             # magnitude of the data inputs (x, residual, q, k, v, hiddens)
     mask: Optional[str] = None     # one of MASKS (ops with a token mask)
     mask_dtype: torch.dtype = torch.bool
-    dropout: float = 0.0           # add_dropout_layernorm: p of an explicit keep mask (training)
+    dropout: float = 0.0           # add_dropout_layernorm: p of an explicit keep mask
+    training: bool = True          # add_dropout_layernorm: False = eval mode (dropout off, mask ignored)
+    flat: bool = False             # row-wise ops: x as [B*T, H] (2-D) instead of [B, T, H]
     layouts: Tuple[str, ...] = ()  # per tensor argument (see arg_names); missing ones: contiguous
     grad_layout: str = "contiguous"
     seed: int = 0
 
     def __post_init__(self):
-        if self.op not in OPS:
+        if self.op not in registry.op_names():
             raise ValueError(f"unknown op {self.op!r}")
-        if self.op == "dwconv_bias_gelu" and self.k % 2 != 1:
-            raise ValueError("dwconv kernel width must be odd")
+        validate = registry.get_op(self.op).validate
+        if validate is not None:
+            validate(self)
         for lay in (*self.layouts, self.grad_layout):
             if lay not in LAYOUTS:
                 raise ValueError(f"unknown layout {lay!r}")
@@ -81,11 +94,9 @@ class CaseSpec:
 
     def describe(self) -> str:
         """Short human-readable id (test ids, result rows)."""
-        dims = {"attention": f"B{self.B} h{self.heads} T{self.T} dh{self.dh}",
-                "dwconv_bias_gelu": f"B{self.B} T{self.T} H{self.H} k{self.k}",
-                "alignment_loss": f"L{self.layers} B{self.B} T{self.T} H{self.H}"}.get(
-            self.op, f"B{self.B} T{self.T} H{self.H}")
-        parts = [self.op, dims, str(self.dtype).split(".")[-1]]
+        op = registry.get_op(self.op)
+        dims = op.dims(self) if op.dims is not None else f"B{self.B} T{self.T} H{self.H}"
+        parts = [self.op, dims + (" 2-D" if self.flat else ""), str(self.dtype).split(".")[-1]]
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
         if self.mask is not None:
@@ -93,6 +104,8 @@ class CaseSpec:
             parts.append(f"mask={self.mask}{mdt}")
         if self.dropout:
             parts.append(f"p={self.dropout:g}")
+        if not self.training:
+            parts.append("eval")
         lays = [f"{n}:{lay}" for n, lay in zip(self.arg_names(), self.layouts) if lay != "contiguous"]
         if self.grad_layout != "contiguous":
             lays.append(f"grad:{self.grad_layout}")
@@ -102,23 +115,13 @@ class CaseSpec:
 
 
 def has_mask_arg(op: str) -> bool:
-    return op in ("dwconv_bias_gelu", "attention", "alignment_loss")
+    return registry.get_op(op).masked
 
 
 def arg_names(spec: CaseSpec) -> List[str]:
     """Names of the tensor arguments of ``spec``'s call, in order (the ones layouts apply to)."""
-    op = spec.op
-    if op == "bias_gelu":
-        names = ["x", "bias"]
-    elif op == "add_dropout_layernorm":
-        names = ["x", "residual", "weight", "bias"] + (["keep_mask"] if spec.dropout > 0 else [])
-    elif op == "dwconv_bias_gelu":
-        names = ["x", "weight", "bias"]
-    elif op == "attention":
-        names = ["q", "k", "v"]
-    else:
-        names = [f"h{i}" for i in range(spec.layers)] + [f"a{i}" for i in range(spec.layers)]
-    if has_mask_arg(op) and spec.mask is not None:
+    names = list(registry.get_op(spec.op).arg_names(spec))
+    if has_mask_arg(spec.op) and spec.mask is not None:
         names.append("token_mask")
     return names
 
@@ -241,7 +244,7 @@ def build(spec: CaseSpec, device: torch.device | str = "cpu", exact: bool = True
     the same numbers), as judging needs; ``exact=False`` keeps them in the case dtype (timing only).
     """
     gen = torch.Generator().manual_seed(spec.seed)
-    B, T, H = spec.B, spec.T, spec.H
+    B, T = spec.B, spec.T
 
     def rnd(*shape, scale=1.0, shift=0.0):
         if not exact:
@@ -249,46 +252,11 @@ def build(spec: CaseSpec, device: torch.device | str = "cpu", exact: bool = True
         v = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
         return v.to(spec.dtype).to(torch.float64)  # exactly representable in the case dtype
 
-    mask = token_mask(B, T, spec.mask, gen, spec.mask_dtype) if has_mask_arg(spec.op) else None
-    s = spec.scale
-    op = spec.op
-    if op == "bias_gelu":
-        values = [rnd(B, T, H, scale=2.0 * s), rnd(H)]
-        diff = [True, True]
-        call = lambda ops, x, b: ops.bias_gelu(x, b)  # noqa: E731
-        out_names = ["y", "dx", "dbias"]
-    elif op == "add_dropout_layernorm":
-        values = [rnd(B, T, H, scale=s), rnd(B, T, H, scale=s, shift=0.5 * s), rnd(H, scale=0.5, shift=1.0), rnd(H)]
-        diff = [True, True, True, True]
-        p = spec.dropout
-        if p > 0:
-            values.append(torch.rand(B, T, H, generator=gen) >= p)
-            diff.append(False)
-
-            def call(ops, x, r, w, b, keep):
-                return ops.add_dropout_layernorm(x, r, w, b, p, True, 1e-5, keep)
-        else:
-            call = lambda ops, x, r, w, b: ops.add_dropout_layernorm(x, r, w, b, 0.0, True, 1e-5)  # noqa: E731
-        out_names = ["y", "dx", "dresidual", "dweight", "dbias"]
-    elif op == "dwconv_bias_gelu":
-        values = [rnd(B, T, H, scale=s), rnd(H, spec.k, scale=0.5), rnd(H)]
-        diff = [True, True, True]
-        call = lambda ops, x, w, b, *m: ops.dwconv_bias_gelu(x, w, b, m[0] if m else None)  # noqa: E731
-        out_names = ["y", "dx", "dweight", "dbias"]
-    elif op == "attention":
-        values = [rnd(B, spec.heads, T, spec.dh, scale=s) for _ in range(3)]
-        diff = [True, True, True]
-        call = lambda ops, q, k, v, *m: ops.attention(q, k, v, m[0] if m else None)  # noqa: E731
-        out_names = ["o", "dq", "dk", "dv"]
-    else:
-        L = spec.layers
-        values = [rnd(B, T, H, scale=s) for _ in range(2 * L)]
-        diff = [True] * L + [False] * L
-
-        def call(ops, *ts):
-            return ops.alignment_loss(list(ts[:L]), list(ts[L:2 * L]), ts[2 * L] if len(ts) > 2 * L else None)
-
-        out_names = ["loss"] + [f"dh{i}" for i in range(L)]
+    op = registry.get_op(spec.op)
+    # the mask is drawn before the op's inputs (stored cases' values depend on this order)
+    mask = token_mask(B, T, spec.mask, gen, spec.mask_dtype) if op.masked else None
+    made = op.make_inputs(spec, rnd, gen)
+    values, diff, call, out_names = list(made.values), list(made.differentiable), made.call, list(made.out_names)
     if mask is not None:
         values.append(mask)
         diff.append(False)
@@ -297,7 +265,7 @@ def build(spec: CaseSpec, device: torch.device | str = "cpu", exact: bool = True
     # a broadcast layout needs values that repeat along dim 0
     values = [_repeat_first(v) if spec.layout_of(i) == "broadcast" else v for i, v in enumerate(values)]
     values = [v.to(device) for v in values]
-    out_shape = {"alignment_loss": ()}.get(op, values[0].shape)
+    out_shape = () if op.scalar_output else made.out_shape if made.out_shape is not None else tuple(values[0].shape)
     grad = rnd(*out_shape)
     if spec.grad_layout == "broadcast":
         grad = _repeat_first(grad)
@@ -385,17 +353,47 @@ def attention_rounding_allowance(case: Case) -> dict:
 
 
 def documented_bound(case: Case, name: str) -> float:
-    """Extra error allowed on ``case``'s output ``name`` beyond the plain rule (0 except attention,
-    whose allowance is the same for every backend: see :func:`attention_rounding_allowance`)."""
-    if case.spec.op != "attention":
+    """Extra error allowed on ``case``'s output ``name`` beyond the plain rule: the op's registered
+    ``allowance`` (the same for every backend; e.g. :func:`attention_rounding_allowance`), else 0."""
+    allowance = registry.get_op(case.spec.op).allowance
+    if allowance is None:
         return 0.0
     if case.allowance is None:
-        case.allowance = attention_rounding_allowance(case)
+        case.allowance = allowance(case)
     return case.allowance.get(name, 0.0)
 
 
-def judge(case: Case, ops, eager=reference) -> List[Check]:
-    """Apply the error rule to ``ops`` on ``case``: output, every gradient, and the no-grad output."""
+@dataclass(frozen=True)
+class Rule:
+    """``max|backend - truth| <= eager_factor * max|eager - truth| + floor[dtype] * max(1, max|truth|)``
+    (+ the op's documented bound when ``documented``)."""
+
+    eager_factor: float = EAGER_FACTOR
+    floor: Mapping[torch.dtype, float] = field(default_factory=lambda: dict(FLOOR))
+    documented: bool = True
+
+
+DEFAULT_RULE = Rule()
+
+
+def rule_of(op: str) -> Rule:
+    """The op's registered error rule: the default, with the op's ``tolerance`` overrides."""
+    tolerance = registry.get_op(op).tolerance
+    if not tolerance:
+        return DEFAULT_RULE
+    floor = {**FLOOR, **tolerance.get("floor", {})}
+    return replace(DEFAULT_RULE, **{**tolerance, "floor": floor})
+
+
+def judge(case: Case, ops, eager=reference, rule: Optional[Rule] = None) -> List[Check]:
+    """Apply ``rule`` (default: the op's registered rule) to ``ops`` on ``case``: output, every
+    gradient, and the no-grad output.
+
+    ``ops`` is anything with the op as an attribute (an OpSet, a backend module); so is ``eager``
+    (default: the references; an op registered elsewhere is found through the registry)."""
+    rule = rule or rule_of(case.spec.op)
+    if not hasattr(eager, case.spec.op):
+        eager = registry.get_ops("eager")
     dtype = case.spec.dtype
     got = run(case, ops)
     with torch.no_grad():
@@ -417,8 +415,8 @@ def judge(case: Case, ops, eager=reference) -> List[Check]:
             continue
         err = _maxabs((g.double() - t)[finite])
         eerr = _maxabs((e.double() - t)[finite])
-        bound = documented_bound(case, name.split("(")[0])
-        allowed = EAGER_FACTOR * eerr + FLOOR[dtype] * max(1.0, _maxabs(t[finite])) + bound
+        bound = documented_bound(case, name.split("(")[0]) if rule.documented else 0.0
+        allowed = rule.eager_factor * eerr + rule.floor[dtype] * max(1.0, _maxabs(t[finite])) + bound
         checks.append(Check(name, err, eerr, allowed, err <= allowed and not note, note, bound))
     return checks
 
@@ -429,67 +427,55 @@ def failures(checks: Sequence[Check]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------- fixed cases
-def layout_cases(dtype: torch.dtype = torch.float32) -> List[CaseSpec]:
-    """A fixed set that gives every tensor argument of every op (and the incoming gradient) each
-    non-contiguous layout at least once, at awkward sizes, plus the cases of past bugs. The GPU
-    suite runs these on hardware; the CPU tests run them through the interpreter and native ops."""
+def layout_cases(dtype: torch.dtype = torch.float32, ops: Optional[Sequence[str]] = None) -> List[CaseSpec]:
+    """A fixed set that gives every tensor argument of every registered op (and the incoming
+    gradient) each non-contiguous layout at least once, at awkward sizes, plus each op's registered
+    regression cases (past bugs, edge sizes). The GPU suite runs these on hardware; the CPU tests
+    run them through the interpreter and native ops."""
+    names = registry.op_names() if ops is None else tuple(ops)
+    bases = {op: CaseSpec(op, **registry.get_op(op).layout_base) for op in names}
     out: List[CaseSpec] = []
-    bases = {
-        "bias_gelu": CaseSpec("bias_gelu", B=3, T=5, H=40),
-        "add_dropout_layernorm": CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dropout=0.25),
-        "dwconv_bias_gelu": CaseSpec("dwconv_bias_gelu", B=2, T=5, H=40, k=3, mask="mixed"),
-        "attention": CaseSpec("attention", B=2, heads=3, T=13, dh=17, mask="mixed"),
-        "alignment_loss": CaseSpec("alignment_loss", B=3, T=5, H=24, layers=2, mask="mixed"),
-    }
     for op, base in bases.items():
         n = len(base.arg_names())
+        scalar = registry.get_op(op).scalar_output  # a scalar's incoming gradient has no layout
         for layout in LAYOUTS[1:]:
             lays = tuple(layout for _ in range(n))
-            grad = layout if op != "alignment_loss" else "contiguous"
+            grad = "contiguous" if scalar else layout
             out.append(replace(base, dtype=dtype, layouts=lays, grad_layout=grad, seed=len(out)))
     # one argument at a time strided: catches a kernel that honours some strides but not others
     for op, base in bases.items():
         for i in range(len(base.arg_names())):
             lays = tuple("strided" if j == i else "contiguous" for j in range(i + 1))
             out.append(replace(base, dtype=dtype, layouts=lays, seed=len(out)))
-    # regressions: issue repros (strided LayerNorm weight/bias and dwconv bias) and edge sizes
-    out += [
-        CaseSpec("add_dropout_layernorm", B=2, T=3, H=40, dtype=dtype,
-                 layouts=("contiguous", "contiguous", "strided", "strided")),
-        CaseSpec("dwconv_bias_gelu", B=2, T=5, H=40, k=3, dtype=dtype, layouts=("contiguous", "contiguous", "strided")),
-        CaseSpec("dwconv_bias_gelu", B=2, T=3, H=17, k=9, dtype=dtype, mask="last"),  # kernel wider than T
-        CaseSpec("attention", B=2, heads=2, T=7, dh=16, dtype=dtype, scale=5.0, mask="first"),
-        CaseSpec("attention", B=2, heads=2, T=7, dh=16, dtype=dtype, scale=30.0),  # saturated softmax
-        CaseSpec("alignment_loss", B=0, T=5, H=8, layers=2, dtype=dtype),  # empty batch: 0, not NaN
-        CaseSpec("alignment_loss", B=2, T=5, H=8, layers=1, dtype=dtype, mask="mixed", mask_dtype=torch.int64),
-        CaseSpec("attention", B=3, heads=1, T=5, dh=8, dtype=dtype, mask="mixed", mask_dtype=torch.int32),
-    ]
+    for op in names:
+        out += [CaseSpec(op, **{"dtype": dtype, **kw}) for kw in registry.get_op(op).regressions]
     return out
+
+
+def example_cases(dtype: torch.dtype = torch.float32, ops: Optional[Sequence[str]] = None) -> List[CaseSpec]:
+    """Every registered op's fixed awkward-shape examples (odd lengths, non-power-of-two widths,
+    padding masks), contiguous, in ``dtype``: the cases every backend is compared on."""
+    names = registry.op_names() if ops is None else tuple(ops)
+    return [CaseSpec(op, **{"seed": i, **kw, "dtype": dtype})
+            for op in names for i, kw in enumerate(registry.get_op(op).examples)]
 
 
 def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: int, dtype: torch.dtype,
                  device, seed: int = 0, k: int = 5, dropout: float = 0.1, keep_mask: bool = True):
     """Realistic-size inputs for timing one op: (shape string, differentiable leaves, call(ops, *leaves)).
 
-    Masks are ``lengths`` padding (T/2..T). Dropout (training) uses an explicit keep mask when
-    ``keep_mask`` (every backend does the same work), else each op draws its own pattern.
-    Shared by the GPU suite and the CPU benchmarks; values are drawn in ``dtype`` (no float64 copy).
+    The op's registered ``bench`` picks the case at these sizes (masks: ``lengths`` padding, T/2..T).
+    Dropout (training) uses an explicit keep mask when ``keep_mask`` (every backend does the same
+    work), else each op draws its own pattern. Shared by the GPU suite and the CPU benchmarks; values
+    are drawn in ``dtype`` (no float64 copy).
     """
-    if op == "bias_gelu":
-        spec = CaseSpec(op, B=B, T=T, H=ffn, dtype=dtype, seed=seed)
-        shape = f"x[{B},{T},{ffn}]"
-    elif op == "add_dropout_layernorm":
-        spec = CaseSpec(op, B=B, T=T, H=H, dtype=dtype, dropout=dropout if keep_mask else 0.0, seed=seed)
-        shape = f"x[{B},{T},{H}] p={dropout:g}"
-    elif op == "dwconv_bias_gelu":
-        spec = CaseSpec(op, B=B, T=T, H=H, k=k, dtype=dtype, mask="lengths", seed=seed)
-        shape = f"x[{B},{T},{H}] k={k} masked"
-    elif op == "attention":
-        spec = CaseSpec(op, B=B, heads=heads, T=T, dh=H // heads, dtype=dtype, mask="lengths", seed=seed)
-        shape = f"q[{B},{heads},{T},{H // heads}] masked"
-    else:
-        spec = CaseSpec(op, B=B, T=T, H=H, layers=layers, dtype=dtype, mask="lengths", seed=seed)
-        shape = f"{layers} x [{B},{T},{H}] masked"
+    fused = registry.get_op(op)
+    if fused.bench is None:
+        raise ValueError(f"fused op '{op}' registers no benchmark case")
+    sizes = dict(B=B, T=T, H=H, heads=heads, layers=layers, ffn=ffn, k=k, dropout=dropout, keep_mask=keep_mask)
+    kwargs, shape, *rest = fused.bench(sizes)
+    call_override = rest[0] if rest else None  # call(ops, *args): e.g. dropout drawing its own pattern
+    spec = CaseSpec(op, **{"dtype": dtype, "seed": seed, **kwargs})
     case = build(spec, device, exact=False)
     ins = case.tensors()
     leaves = [t for t, d in zip(ins, case.differentiable) if d]
@@ -498,8 +484,6 @@ def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: 
     def call(ops, *xs):
         it = iter(xs)
         args = [fixed[i] if i in fixed else next(it) for i in range(len(ins))]
-        if op == "add_dropout_layernorm" and not keep_mask:
-            return ops.add_dropout_layernorm(*args, dropout, True)
-        return case.call(ops, *args)
+        return (call_override or case.call)(ops, *args)
 
     return shape, leaves, call

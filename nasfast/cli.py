@@ -40,6 +40,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         load_ds_config(cfg.train.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     quiet_libraries()
     trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    if trainer.world.is_main:  # once, before the first step: which ops run fused, which the eager reference
+        print(f"kernels: {trainer.model.ops.describe()}", flush=True)
     summary = trainer.train()
     if not trainer.world.is_main:
         return 0

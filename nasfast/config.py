@@ -284,10 +284,11 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "eval_every", "ckpt_every", "eval_batches"):
         need(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
     need(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
-    from .backend import BACKENDS
+    from .backend import known_backends
     from .samplers import SAMPLERS
 
-    need(cfg.kernels.backend in BACKENDS, f"kernels.backend must be one of {', '.join(BACKENDS)}, got '{cfg.kernels.backend}'")
+    backends = known_backends()  # the built-ins and any registered backend
+    need(cfg.kernels.backend in backends, f"kernels.backend must be one of {', '.join(backends)}, got '{cfg.kernels.backend}'")
     need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
     space = build_space(cfg)  # candidate names, head divisibility
     sc, al = cfg.sampler, cfg.align

@@ -305,5 +305,6 @@ class Trainer:
             "search_space_size": self.space.size,
             "device": str(self.device),
             "backend": self.model.ops.name,
+            "fused_ops": list(self.model.ops.fused),  # the other ops ran the eager reference
             "engine": self.engine.describe(),
         }

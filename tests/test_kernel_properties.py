@@ -5,11 +5,12 @@ is judged against float64 by its rule: for the output, every gradient and the no
 ``max|backend - truth| <= 3 * max|eager - truth| + floor * max(1, max|truth|)`` (floor 1e-5 for
 fp32, 1e-3 fp16, 8e-3 bf16, 1e-12 fp64), plus an op's documented accuracy bound where it has one.
 
-- ``test_property``: hypothesis draws shapes (0, 1, 2, primes, non-multiples of 8/16), head dims,
-  kernel widths wider than T, masks (none, mixed, all padding, first/last token only, integer
-  dtypes), magnitudes x1/x5/x30, dtypes fp32/fp16/bf16/fp64 and a layout for every tensor argument
-  and the incoming gradient. Example counts come from the hypothesis profile (tests/conftest.py):
-  ``ci`` (default, derandomized) or ``deep`` for a manual run:
+- ``test_property``: hypothesis draws shapes (0, 1, 2, primes, non-multiples of 8/16), the op's
+  own sizes as registered (``FusedOp.search``: head dims, kernel widths wider than T, layers, dropout),
+  masks (none, mixed, all padding, first/last token only, integer dtypes), magnitudes x1/x5/x30,
+  dtypes fp32/fp16/bf16/fp64 and a layout for every tensor argument and the incoming gradient, for
+  every registered op and every backend that implements it. Example counts come from the hypothesis
+  profile (tests/conftest.py): ``ci`` (default, derandomized) or ``deep`` for a manual run:
   ``pytest tests/test_kernel_properties.py --hypothesis-profile=deep``.
 - ``test_layout_cases``: the fixed layout set the GPU suite runs on hardware.
 - ``test_opcheck``: ``torch.library.opcheck`` on every registered custom op of both backends.
@@ -26,6 +27,7 @@ import shutil
 import pytest
 import torch
 
+from nasfast.backend import get_op, get_ops, op_names
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
@@ -58,8 +60,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def backend_ops(name: str):
-    """The module implementing backend ``name``, or skip with the reason it cannot run here."""
+def backend_ops(name: str, op: str | None = None):
+    """The module implementing backend ``name``, or skip with the reason it cannot run here (or, with
+    ``op``, because the backend does not implement that op: it would run the eager reference)."""
+    if op is not None and name in BACKENDS:
+        backend_ops(name)
+        if op not in get_ops(name, DEV).fused:
+            pytest.skip(f"the {name} backend does not implement {op}")
     if name == "triton":
         if _TRITON:
             pytest.skip(_TRITON)
@@ -75,7 +82,7 @@ def backend_ops(name: str):
 
 def assert_case(spec: cases.CaseSpec, backend: str):
     case = cases.build(spec, DEV)
-    bad = cases.failures(cases.judge(case, backend_ops(backend)))
+    bad = cases.failures(cases.judge(case, backend_ops(backend, spec.op)))
     assert not bad, f"{backend} {spec.describe()} (seed {spec.seed}):\n  " + "\n  ".join(bad)
 
 
@@ -83,7 +90,6 @@ def assert_case(spec: cases.CaseSpec, backend: str):
 SIZES_B = [1, 2, 3, 0]
 SIZES_T = [1, 2, 3, 5, 7, 13, 17, 31, 0]
 SIZES_H = [1, 2, 3, 5, 7, 8, 13, 16, 17, 24, 31, 40, 67]
-HEAD_DIMS = [1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 40, 64]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 MASK_DTYPES = [torch.bool, torch.int64, torch.int32, torch.uint8]
 
@@ -96,32 +102,26 @@ def specs(draw, op: str) -> cases.CaseSpec:
         dtype=draw(st.sampled_from(DTYPES)), scale=draw(st.sampled_from([1.0, 5.0, 30.0])),
         seed=draw(st.integers(0, 2**16)),
     )
-    if op == "attention":
-        kw.update(heads=draw(st.integers(1, 3)), dh=draw(st.sampled_from(HEAD_DIMS)))
-    if op == "dwconv_bias_gelu":
-        kw["k"] = draw(st.sampled_from([1, 3, 5, 7, 9, 15]))  # often wider than T
-    if op == "alignment_loss":
-        kw["layers"] = draw(st.integers(1, 3))
-    if op == "add_dropout_layernorm":
-        kw["dropout"] = draw(st.sampled_from([0.0, 0.1, 0.5]))
+    for name, values in get_op(op).search.items():  # the op's own sizes (head dims, kernel widths, ...)
+        kw[name] = draw(st.sampled_from(list(values)))
     if cases.has_mask_arg(op):
         kw.update(mask=draw(st.sampled_from(cases.MASKS)), mask_dtype=draw(st.sampled_from(MASK_DTYPES)))
     spec = cases.CaseSpec(op, **kw)
     n = len(spec.arg_names())
     layouts = tuple(draw(st.lists(st.sampled_from(cases.LAYOUTS), min_size=n, max_size=n)))
-    grad_layout = "contiguous" if op == "alignment_loss" else draw(st.sampled_from(cases.LAYOUTS))
+    grad_layout = "contiguous" if get_op(op).scalar_output else draw(st.sampled_from(cases.LAYOUTS))
     return cases.CaseSpec(op, **kw, layouts=layouts, grad_layout=grad_layout)
 
 
 # --------------------------------------------------------------------------------- properties
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", cases.OPS)
+@pytest.mark.parametrize("op", op_names())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_property(op, backend, data):
     """Forward, every gradient and the no-grad forward of a generated case obey the fp64 rule."""
-    backend_ops(backend)
+    backend_ops(backend, op)
     spec = data.draw(specs(op), label="spec")
     note(spec.describe())
     assert_case(spec, backend)

@@ -1,0 +1,165 @@
+"""The five built-in fused ops, one registration each (see ``nasfast.backend.FusedOp``).
+
+A registration says everything the tests and benchmarks need to know about an op: its eager
+reference (``nasfast.kernels.reference``), its tensor arguments and how to generate them for a
+``nasfast.kernels.cases.CaseSpec`` (random values at the spec's sizes, padding masks from the shared
+generator), the fixed awkward-shape examples every backend is compared on, the layout and regression
+cases, the sizes the property tests draw, and its realistic benchmark case. Backends
+(``nasfast.kernels.triton_ops``, ``nasfast.native``) implement ops by defining functions of these names.
+
+``rnd(*shape, scale=, shift=)`` draws float64 values rounded to the case dtype (the case dtype itself
+for timing-only cases); ``gen`` is the case's generator (masks, keep patterns). The draw order of each
+op is part of its cases' identity: changing it changes every stored case's values.
+"""
+from __future__ import annotations
+
+import torch
+
+from nasfast.backend import FusedOp, OpInputs, register_op
+from nasfast.kernels import reference
+from nasfast.kernels.cases import attention_rounding_allowance
+
+HEAD_DIMS = (1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 40, 64)  # head sizes the property tests draw
+
+
+def _mask(m):
+    """The optional trailing token-mask argument of a masked op's call."""
+    return m[0] if m else None
+
+
+def _rows(spec):
+    """x's shape: [B, T, H], or [B*T, H] for a ``flat`` (2-D) case of a row-wise op."""
+    return (spec.B * spec.T, spec.H) if spec.flat else (spec.B, spec.T, spec.H)
+
+
+# ------------------------------------------------------------------------------------ bias_gelu
+def _bias_gelu_inputs(spec, rnd, gen):
+    values = [rnd(*_rows(spec), scale=2.0 * spec.scale), rnd(spec.H)]
+    return OpInputs(values, [True, True], lambda ops, x, b: ops.bias_gelu(x, b), ["y", "dx", "dbias"])
+
+
+register_op(FusedOp(
+    "bias_gelu", reference.bias_gelu, _bias_gelu_inputs, lambda spec: ["x", "bias"],
+    layout_base=dict(B=3, T=5, H=40),
+    examples=(dict(B=3, T=37, H=72), dict(B=1, T=7, H=24, flat=True), dict(B=1, T=1, H=100, flat=True)),
+    bench=lambda s: (dict(B=s["B"], T=s["T"], H=s["ffn"]), f"x[{s['B']},{s['T']},{s['ffn']}]"),
+))
+
+
+# ------------------------------------------------------------------------ add_dropout_layernorm
+def _layernorm_inputs(spec, rnd, gen):
+    s, shape = spec.scale, _rows(spec)
+    values = [rnd(*shape, scale=s), rnd(*shape, scale=s, shift=0.5 * s), rnd(spec.H, scale=0.5, shift=1.0), rnd(spec.H)]
+    diff = [True, True, True, True]
+    p, training = spec.dropout, spec.training
+    if p > 0:  # an explicit keep mask: every backend drops the same positions
+        values.append(torch.rand(*shape, generator=gen) >= p)
+        diff.append(False)
+
+        def call(ops, x, r, w, b, keep):
+            return ops.add_dropout_layernorm(x, r, w, b, p, training, 1e-5, keep)
+    else:
+        def call(ops, x, r, w, b):
+            return ops.add_dropout_layernorm(x, r, w, b, 0.0, training, 1e-5)
+    return OpInputs(values, diff, call, ["y", "dx", "dresidual", "dweight", "dbias"])
+
+
+def _layernorm_bench(s):
+    p = s["dropout"]
+    kwargs = dict(B=s["B"], T=s["T"], H=s["H"], dropout=p if s["keep_mask"] else 0.0)
+    shape = f"x[{s['B']},{s['T']},{s['H']}] p={p:g}"
+    if s["keep_mask"]:
+        return kwargs, shape
+    # no keep mask: each backend draws its own pattern (what training does)
+    return kwargs, shape, lambda ops, x, r, w, b: ops.add_dropout_layernorm(x, r, w, b, p, True)
+
+
+register_op(FusedOp(
+    "add_dropout_layernorm", reference.add_dropout_layernorm, _layernorm_inputs,
+    lambda spec: ["x", "residual", "weight", "bias"] + (["keep_mask"] if spec.dropout > 0 else []),
+    search=dict(dropout=(0.0, 0.1, 0.5)),
+    layout_base=dict(B=2, T=3, H=40, dropout=0.25),
+    regressions=(dict(B=2, T=3, H=40, layouts=("contiguous", "contiguous", "strided", "strided")),),  # strided LN weight/bias
+    examples=(dict(B=3, T=37, H=72, dropout=0.1), dict(B=1, T=7, H=24, flat=True),
+              dict(B=2, T=5, H=48, dropout=0.3, training=False)),
+    bench=_layernorm_bench,
+))
+
+
+# ------------------------------------------------------------------------------ dwconv_bias_gelu
+def _dwconv_inputs(spec, rnd, gen):
+    B, T, H = spec.B, spec.T, spec.H
+    values = [rnd(B, T, H, scale=spec.scale), rnd(H, spec.k, scale=0.5), rnd(H)]
+    return OpInputs(values, [True, True, True], lambda ops, x, w, b, *m: ops.dwconv_bias_gelu(x, w, b, _mask(m)),
+                    ["y", "dx", "dweight", "dbias"])
+
+
+def _odd_width(spec):
+    if spec.k % 2 != 1:
+        raise ValueError("dwconv kernel width must be odd")
+
+
+register_op(FusedOp(
+    "dwconv_bias_gelu", reference.dwconv_bias_gelu, _dwconv_inputs, lambda spec: ["x", "weight", "bias"],
+    masked=True, validate=_odd_width,
+    dims=lambda s: f"B{s.B} T{s.T} H{s.H} k{s.k}",
+    search=dict(k=(1, 3, 5, 7, 9, 15)),  # often wider than T
+    layout_base=dict(B=2, T=5, H=40, k=3, mask="mixed"),
+    regressions=(dict(B=2, T=5, H=40, k=3, layouts=("contiguous", "contiguous", "strided")),  # strided bias
+                 dict(B=2, T=3, H=17, k=9, mask="last")),  # kernel wider than T
+    examples=(dict(B=3, T=37, H=48, k=3, mask="mixed"), dict(B=3, T=37, H=48, k=5, mask="mixed"),
+              dict(B=4, T=7, H=24, k=7, mask="mixed"), dict(B=2, T=37, H=72, k=5),
+              dict(B=1, T=7, H=24, k=9, mask="mixed")),
+    bench=lambda s: (dict(B=s["B"], T=s["T"], H=s["H"], k=s["k"], mask="lengths"),
+                     f"x[{s['B']},{s['T']},{s['H']}] k={s['k']} masked"),
+))
+
+
+# ------------------------------------------------------------------------------------- attention
+def _attention_inputs(spec, rnd, gen):
+    values = [rnd(spec.B, spec.heads, spec.T, spec.dh, scale=spec.scale) for _ in range(3)]
+    return OpInputs(values, [True, True, True], lambda ops, q, k, v, *m: ops.attention(q, k, v, _mask(m)),
+                    ["o", "dq", "dk", "dv"])
+
+
+register_op(FusedOp(
+    "attention", reference.attention, _attention_inputs, lambda spec: ["q", "k", "v"],
+    masked=True,
+    dims=lambda s: f"B{s.B} h{s.heads} T{s.T} dh{s.dh}",
+    search=dict(heads=(1, 2, 3), dh=HEAD_DIMS),
+    layout_base=dict(B=2, heads=3, T=13, dh=17, mask="mixed"),
+    regressions=(dict(B=2, heads=2, T=7, dh=16, scale=5.0, mask="first"),
+                 dict(B=2, heads=2, T=7, dh=16, scale=30.0),  # saturated softmax
+                 dict(B=3, heads=1, T=5, dh=8, mask="mixed", mask_dtype=torch.int32)),
+    examples=(dict(B=3, heads=2, T=37, dh=24, mask="mixed"), dict(B=2, heads=3, T=7, dh=16),
+              dict(B=3, heads=1, T=7, dh=12, mask="mixed")),
+    bench=lambda s: (dict(B=s["B"], heads=s["heads"], T=s["T"], dh=s["H"] // s["heads"], mask="lengths"),
+                     f"q[{s['B']},{s['heads']},{s['T']},{s['H'] // s['heads']}] masked"),
+    allowance=attention_rounding_allowance,  # softmax rounding at large scores, the same for every backend
+))
+
+
+# -------------------------------------------------------------------------------- alignment_loss
+def _alignment_inputs(spec, rnd, gen):
+    L = spec.layers
+    values = [rnd(spec.B, spec.T, spec.H, scale=spec.scale) for _ in range(2 * L)]
+
+    def call(ops, *ts):
+        return ops.alignment_loss(list(ts[:L]), list(ts[L:2 * L]), ts[2 * L] if len(ts) > 2 * L else None)
+
+    return OpInputs(values, [True] * L + [False] * L, call, ["loss"] + [f"dh{i}" for i in range(L)])
+
+
+register_op(FusedOp(
+    "alignment_loss", reference.alignment_loss, _alignment_inputs,
+    lambda spec: [f"h{i}" for i in range(spec.layers)] + [f"a{i}" for i in range(spec.layers)],
+    masked=True, scalar_output=True,
+    dims=lambda s: f"L{s.layers} B{s.B} T{s.T} H{s.H}",
+    search=dict(layers=(1, 2, 3)),
+    layout_base=dict(B=3, T=5, H=24, layers=2, mask="mixed"),
+    regressions=(dict(B=0, T=5, H=8, layers=2),  # empty batch: 0, not NaN
+                 dict(B=2, T=5, H=8, layers=1, mask="mixed", mask_dtype=torch.int64)),
+    examples=(dict(B=3, T=37, H=72, layers=3, mask="mixed"), dict(B=2, T=7, H=24, layers=2)),
+    bench=lambda s: (dict(B=s["B"], T=s["T"], H=s["H"], layers=s["layers"], mask="lengths"),
+                     f"{s['layers']} x [{s['B']},{s['T']},{s['H']}] masked"),
+))
