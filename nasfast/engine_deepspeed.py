@@ -42,6 +42,7 @@ import torch.distributed as dist
 from .config import Config
 from .errors import UserError
 from .space import Arch
+from .zero_child import child_zero12_step, hold_gathered, supports_child_step
 
 STAGES = (0, 1, 2, 3)
 DS_DIR = "checkpoints/deepspeed"
@@ -215,6 +216,14 @@ class DeepSpeedEngine:
         self.model = model
         if self.stage == 3:
             deepspeed.zero.register_external_parameter(self.model.head, self.model.embeddings.tokens.weight)
+        self._active: list[int] = []  # indices of this step's child's groups
+        self._child_step = self.stage in (1, 2) and supports_child_step(self.engine.optimizer)
+        if self._child_step:
+            self.engine.optimizer.step = child_zero12_step(self.engine.optimizer, lambda: self._active)
+        if self._child_step or self.stage == 3:
+            # DeepSpeed calls the optimizer once per group; the global-norm check (one all-reduce in
+            # child_zero12_step; ZeRO-3's own overflow check on an invalid norm) already skips bad steps
+            self.optimizer.skip_nonfinite = False
         self._micro = 0
         self.check_every = int(os.environ.get("NASFAST_CHECK_CHILD_EVERY", "1"))  # an 8-byte all-gather: cheap
         self._steps = 0
@@ -225,6 +234,8 @@ class DeepSpeedEngine:
 
         if self._micro == 0 and self.check_every and self._steps % self.check_every == 0:
             check_same_child(arch, self.world)
+        if self.stage == 3:  # gathered once per step: the backward reuses the forward's copy
+            hold_gathered(self.model.child_parameters(arch))
         loss = self.engine(arch, batch, layer_seed, anchor)
         return loss, self.engine.module.extras
 
@@ -241,6 +252,7 @@ class DeepSpeedEngine:
         keys = active_keys(arch)
         for group in self.optimizer.param_groups:
             group["active"] = group["key"] in keys
+        self._active = [i for i, g in enumerate(self.optimizer.param_groups) if g["active"]]
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
@@ -249,7 +261,7 @@ class DeepSpeedEngine:
             stale.zero_()
         self._micro, self._steps = 0, self._steps + 1
         norm = self.engine.get_global_grad_norm()
-        if getattr(self.optimizer, "skipped", False):
+        if getattr(self.optimizer, "skipped", False) or getattr(self.engine.optimizer, "overflow", False):
             return math.nan
         return float(norm) if norm is not None else math.nan
 
