@@ -165,7 +165,7 @@ def main() -> None:
         row["state_vs_plain"] = row["state_bytes_total"] / plain["state_bytes_total"]
     per_param = {row["engine"]: row["state_bytes_total"] / n for key, row in rows.items() if key.endswith("spos")}
     results = {
-        "command": command_line(), "machine": describe(), "steps": args.steps, "repeats": args.repeats, "ranks": 2,
+        "command": (f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']} " if os.environ.get("DS_ACCELERATOR") else "") + command_line(), "machine": describe(), "steps": args.steps, "repeats": args.repeats, "ranks": 2,
         "config": "configs/tiny.yaml", "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "rows": rows, "per_rank_bytes_per_param": per_param,
         "base_space_estimate": base_space_estimate(per_param),
