@@ -20,6 +20,11 @@ gathered together when the candidate runs, and a child's order of modules may ch
 without re-tracing), and registers the decoder weight tied to the token embedding as an external
 parameter of the head.
 
+Only the child costs work (``zero_child.py``): under ZeRO-1/2 the optimizer step computes the norm,
+updates and all-gathers the child's groups only (DeepSpeed's own step would all-gather the whole
+supernet after every step); under ZeRO-3 the child's parameters are gathered once per step and
+kept until the optimizer step instead of being gathered again for the backward.
+
 Checkpoints: ZeRO state is partitioned, so every rank writes its shard with DeepSpeed's
 ``save_checkpoint`` into ``checkpoints/deepspeed/step<N>/``; only then does rank 0 write the
 run's checkpoint file (atomic rename), which names that tag. A run killed mid-save therefore still
@@ -116,7 +121,9 @@ class ChildAdamW(torch.optim.AdamW):
     Under ZeRO each group's parameters are one flat partition whose gradient is never None, so
     torch's "skip params without grad" cannot tell the child's candidates from the others; the
     ``active`` flag does. A non-finite gradient in any active group on any rank skips the whole step
-    on every rank (``skip_nonfinite``), so one bad batch never writes NaN into the weights.
+    on every rank (``skip_nonfinite``), so one bad batch never writes NaN into the weights. ZeRO-1/2/3
+    call ``step`` once per group; there the engine turns the check off because the step's global
+    gradient norm (one all-reduce) already decides to skip, on every rank alike.
     """
 
     skip_nonfinite = True
