@@ -345,7 +345,12 @@ class DeepSpeedEngine:
 
         params = dict(self.model.named_parameters())
         if self.stage == 3:
-            with deepspeed.zero.GatheredParameters(list(params.values())):
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            # mid-step the child's parameters are already gathered and held (zero_child.hold_gathered):
+            # gathering them again would free them on exit, under the modules that still need them
+            missing = [p for p in params.values() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            with deepspeed.zero.GatheredParameters(missing):
                 return {n: p.detach().clone() for n, p in params.items()}
         return {n: p.detach().clone() for n, p in params.items()}
 

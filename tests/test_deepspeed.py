@@ -216,8 +216,8 @@ def _nan_worker(rank: int, world: int, port: int, stages: list[int], out_dir: st
         forward_loss, optimizer_step = engine.forward_loss, engine.optimizer_step
 
         def state():
-            adam = {g["key"] + str(i): {k: v.clone() for k, v in engine.optimizer.state[p].items()}
-                    for i, g in enumerate(engine.optimizer.param_groups) for p in g["params"] if engine.optimizer.state.get(p)}
+            # keyed by the flat fp32 partitions DeepSpeed hands the optimizer (the same tensors all run long)
+            adam = {id(p): {k: v.clone() for k, v in s.items()} for p, s in engine.optimizer.state.items()}
             return engine.full_parameters(), adam
 
         def poisoned_forward(arch, batch, seed, anchor, forward_loss=forward_loss, trainer=trainer):
