@@ -359,10 +359,15 @@ class DeepSpeedEngine:
         Adam state. Gradients follow each stage's layout: ZeRO-3's persistent flat partition buffer; ZeRO-2
         partitions them like the master weights; ZeRO-0/1 hold full-size gradients before reducing."""
         params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in self.model.parameters())
-        master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
+        zopt = self.engine.optimizer
+        if self.stage == 3:  # fp32 training updates the weight partitions in place: no separate master copy then
+            master = sum(f.numel() * f.element_size() for f, w in zip(zopt.fp32_partitioned_groups_flat, zopt.fp16_partitioned_groups_flat)
+                         if f is not w)
+        else:
+            master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
         state = sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.ndim > 0)
-        buffer = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        buffer = getattr(zopt, "grad_partitions_flat_buffer", None)
         grads = (buffer.numel() * buffer.element_size() if buffer is not None
                  else master if self.stage == 2 else params)
         return {"params": params, "master_params": master, "grads": grads, "optimizer_state": state}
