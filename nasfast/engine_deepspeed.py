@@ -20,6 +20,11 @@ gathered together when the candidate runs, and a child's order of modules may ch
 without re-tracing), and registers the decoder weight tied to the token embedding as an external
 parameter of the head.
 
+Only the child costs work (``zero_child.py``): under ZeRO-1/2 the optimizer step computes the norm,
+updates and all-gathers the child's groups only (DeepSpeed's own step would all-gather the whole
+supernet after every step); under ZeRO-3 the child's parameters are gathered once per step and
+kept until the optimizer step instead of being gathered again for the backward.
+
 Checkpoints: ZeRO state is partitioned, so every rank writes its shard with DeepSpeed's
 ``save_checkpoint`` into ``checkpoints/deepspeed/step<N>/``; only then does rank 0 write the
 run's checkpoint file (atomic rename), which names that tag. A run killed mid-save therefore still
@@ -42,6 +47,7 @@ import torch.distributed as dist
 from .config import Config
 from .errors import UserError
 from .space import Arch
+from .zero_child import child_zero12_step, hold_gathered, supports_child_step
 
 STAGES = (0, 1, 2, 3)
 DS_DIR = "checkpoints/deepspeed"
@@ -115,7 +121,9 @@ class ChildAdamW(torch.optim.AdamW):
     Under ZeRO each group's parameters are one flat partition whose gradient is never None, so
     torch's "skip params without grad" cannot tell the child's candidates from the others; the
     ``active`` flag does. A non-finite gradient in any active group on any rank skips the whole step
-    on every rank (``skip_nonfinite``), so one bad batch never writes NaN into the weights.
+    on every rank (``skip_nonfinite``), so one bad batch never writes NaN into the weights. ZeRO-1/2/3
+    call ``step`` once per group; there the engine turns the check off because the step's global
+    gradient norm (one all-reduce) already decides to skip, on every rank alike.
     """
 
     skip_nonfinite = True
@@ -217,6 +225,14 @@ class DeepSpeedEngine:
         self.model = model
         if self.stage == 3:
             deepspeed.zero.register_external_parameter(self.model.head, self.model.embeddings.tokens.weight)
+        self._active: list[int] = []  # indices of this step's child's groups
+        self._child_step = self.stage in (1, 2) and supports_child_step(self.engine.optimizer)
+        if self._child_step:
+            self.engine.optimizer.step = child_zero12_step(self.engine.optimizer, lambda: self._active)
+        if self._child_step or self.stage == 3:
+            # DeepSpeed calls the optimizer once per group; the global-norm check (one all-reduce in
+            # child_zero12_step; ZeRO-3's own overflow check on an invalid norm) already skips bad steps
+            self.optimizer.skip_nonfinite = False
         self._micro = 0
         self.check_every = int(os.environ.get("NASFAST_CHECK_CHILD_EVERY", "1"))  # an 8-byte all-gather: cheap
         self._steps = 0
@@ -227,6 +243,8 @@ class DeepSpeedEngine:
 
         if self._micro == 0 and self.check_every and self._steps % self.check_every == 0:
             check_same_child(arch, self.world)
+        if self.stage == 3:  # gathered once per step: the backward reuses the forward's copy
+            hold_gathered(self.model.child_parameters(arch))
         loss = self.engine(arch, batch, layer_seed, anchor)
         return loss, self.engine.module.extras
 
@@ -243,6 +261,7 @@ class DeepSpeedEngine:
         keys = active_keys(arch)
         for group in self.optimizer.param_groups:
             group["active"] = group["key"] in keys
+        self._active = [i for i, g in enumerate(self.optimizer.param_groups) if g["active"]]
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
@@ -251,7 +270,7 @@ class DeepSpeedEngine:
             stale.zero_()
         self._micro, self._steps = 0, self._steps + 1
         norm = self.engine.get_global_grad_norm()
-        if getattr(self.optimizer, "skipped", False):
+        if getattr(self.optimizer, "skipped", False) or getattr(self.engine.optimizer, "overflow", False):
             return math.nan
         return float(norm) if norm is not None else math.nan
 
@@ -328,7 +347,12 @@ class DeepSpeedEngine:
 
         params = dict(self.model.named_parameters())
         if self.stage == 3:
-            with deepspeed.zero.GatheredParameters(list(params.values())):
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            # mid-step the child's parameters are already gathered and held (zero_child.hold_gathered):
+            # gathering them again would free them on exit, under the modules that still need them
+            missing = [p for p in params.values() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            with deepspeed.zero.GatheredParameters(missing):
                 return {n: p.detach().clone() for n, p in params.items()}
         return {n: p.detach().clone() for n, p in params.items()}
 
@@ -337,10 +361,15 @@ class DeepSpeedEngine:
         Adam state. Gradients follow each stage's layout: ZeRO-3's persistent flat partition buffer; ZeRO-2
         partitions them like the master weights; ZeRO-0/1 hold full-size gradients before reducing."""
         params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in self.model.parameters())
-        master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
+        zopt = self.engine.optimizer
+        if self.stage == 3:  # fp32 training updates the weight partitions in place: no separate master copy then
+            master = sum(f.numel() * f.element_size() for f, w in zip(zopt.fp32_partitioned_groups_flat, zopt.fp16_partitioned_groups_flat)
+                         if f is not w)
+        else:
+            master = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
         state = sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.ndim > 0)
-        buffer = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        buffer = getattr(zopt, "grad_partitions_flat_buffer", None)
         grads = (buffer.numel() * buffer.element_size() if buffer is not None
                  else master if self.stage == 2 else params)
         return {"params": params, "master_params": master, "grads": grads, "optimizer_state": state}

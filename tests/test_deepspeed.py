@@ -129,6 +129,132 @@ def test_zero_stages_equal_plain_data_parallel(tmp_path, sampler):
         assert not any(k != "shared" and f"layers.{k.split('.')[0]}.{k.split('.')[1]}." not in used for k in state_groups), stage
 
 
+def _gather_worker(rank: int, world: int, port: int, stages: list[int], out_dir: str) -> None:
+    """Trains a few spos steps per ZeRO stage and records, per step, all-gathered bytes and the child's bytes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    gathered = [0]
+    original = dist.all_gather_into_tensor
+
+    def counted(*args, **kwargs):  # wrapped before DeepSpeed binds it; output_tensor by keyword or first
+        output = kwargs.get("output_tensor", args[0] if args else None)
+        gathered[0] += output.numel() * output.element_size()
+        return original(*args, **kwargs)
+
+    dist.all_gather_into_tensor = counted
+    from nasfast.config import load_config
+    from nasfast.trainer import Trainer
+
+    results = {}
+    for stage in stages:
+        cfg = load_config(None, _overrides("spos") + [f"train.deepspeed={DS_CONFIGS / f'zero{stage}.json'}"])
+        trainer = Trainer(cfg, Path(out_dir) / f"zero{stage}", progress=False)
+        model, steps = trainer.model, []
+        supernet = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()) * 4
+        step, optimizer_step = trainer.train_step, trainer.engine.optimizer_step
+
+        def recording_optimizer_step(arch, optimizer_step=optimizer_step, model=model, steps=steps):
+            steps[-1]["child"] = sum(getattr(p, "ds_numel", p.numel()) * 4 for p in model.child_parameters(arch))
+            return optimizer_step(arch)
+
+        def recording_step(s, step=step, steps=steps):
+            before = gathered[0]
+            steps.append({})
+            record = step(s)
+            steps[-1]["gathered"] = gathered[0] - before
+            return record
+
+        trainer.train_step, trainer.engine.optimizer_step = recording_step, recording_optimizer_step
+        trainer.train()
+        results[stage] = {"steps": steps, "supernet": supernet}
+    torch.save(results, Path(out_dir) / f"gathers{rank}.pt")
+
+
+def test_zero_gathers_only_the_child_once_per_step(tmp_path):
+    """ZeRO-1/2 all-gather only the child's updated groups after a step, not the supernet; ZeRO-3 gathers the
+    child once per step (2 micro-batches: forward and backward of both reuse the first forward's gather)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, _free_port(), [1, 2, 3], str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "gathers0.pt", weights_only=False)
+    for stage, result in results.items():
+        assert len(result["steps"]) == STEPS
+        for step in result["steps"]:
+            assert result["supernet"] > 1.5 * step["child"], "the test needs children much smaller than the supernet"
+            # padding of flat groups / partitions to the world size adds a few elements per tensor
+            assert step["child"] <= step["gathered"] <= 1.1 * step["child"], (stage, step, result["supernet"])
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite); every gradient behind it becomes NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _nan_worker(rank: int, world: int, port: int, stages: list[int], out_dir: str) -> None:
+    """Step 2's gradients are NaN on rank 1 only: record the norm each rank sees and the state around that step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from nasfast.config import load_config
+    from nasfast.trainer import Trainer
+
+    results = {}
+    for stage in stages:
+        cfg = load_config(None, _overrides("spos") + [f"train.deepspeed={DS_CONFIGS / f'zero{stage}.json'}"])
+        trainer = Trainer(cfg, Path(out_dir) / f"zero{stage}", progress=False)
+        engine, seen = trainer.engine, {}
+        forward_loss, optimizer_step = engine.forward_loss, engine.optimizer_step
+
+        def state():
+            # keyed by the flat fp32 partitions DeepSpeed hands the optimizer (the same tensors all run long)
+            adam = {id(p): {k: v.clone() for k, v in s.items()} for p, s in engine.optimizer.state.items()}
+            return engine.full_parameters(), adam
+
+        def poisoned_forward(arch, batch, seed, anchor, forward_loss=forward_loss, trainer=trainer):
+            loss, extras = forward_loss(arch, batch, seed, anchor)
+            return (_NanGradient.apply(loss) if trainer.step == 2 and rank == 1 else loss), extras
+
+        def recording_step(arch, optimizer_step=optimizer_step, trainer=trainer, seen=seen):
+            if trainer.step == 2:
+                seen["before"] = state()
+            norm = optimizer_step(arch)
+            if trainer.step == 2:
+                seen["after"], seen["norm"] = state(), norm
+            return norm
+
+        engine.forward_loss, engine.optimizer_step = poisoned_forward, recording_step
+        summary = trainer.train()
+        results[stage] = {**seen, "status": summary["status"]}
+    torch.save(results, Path(out_dir) / f"nan{rank}.pt")
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The child-only ZeRO-1/2 step and ZeRO-3's step: a NaN gradient on one rank leaves weights and Adam
+    state unchanged bit for bit on both ranks, the step reports a NaN norm and the run stops as diverged."""
+    import math
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nan_worker, args=(2, _free_port(), [1, 2, 3], str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        for stage, result in torch.load(tmp_path / f"nan{rank}.pt", weights_only=False).items():
+            assert math.isnan(result["norm"]) and result["status"] == "diverged", (rank, stage)
+            (weights, adam), (weights_after, adam_after) = result["before"], result["after"]
+            assert adam and adam.keys() == adam_after.keys(), (rank, stage)
+            assert all(torch.equal(weights[n], weights_after[n]) for n in weights), (rank, stage)
+            assert all(torch.equal(adam[k][s], adam_after[k][s]) for k in adam for s in adam[k]), (rank, stage)
+
+
 def _ds_launch(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            "--module", "nasfast", *args]
