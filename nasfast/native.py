@@ -8,7 +8,7 @@ says why; ``nasfast.backend`` then falls back to eager.
 Environment:
 - ``NASFAST_CSRC``: the C++ sources (default: the checkout's ``csrc/``, else ``nasfast/csrc``).
 - ``NASFAST_BUILD_DIR``: build cache (default ``$TORCH_EXTENSIONS_DIR/nasfast`` if set, else
-  ``~/.cache/nasfast``), one sub-directory per torch version / CPU capability.
+  ``~/.cache/nasfast``), one sub-directory per torch version / CPU capability / source content.
 - ``NASFAST_NATIVE_ARCH=default``: build without AVX2/FMA even where the CPU has them.
 - ``NASFAST_NATIVE_VERBOSE=1``: show the compiler output.
 - ``NASFAST_NATIVE_GEMM=aten``: attention GEMMs through ATen instead of the BLAS in libtorch_cpu.
@@ -19,11 +19,13 @@ signatures. fp32 and fp64 run natively; other floating dtypes are computed in fp
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import platform
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -54,13 +56,40 @@ def _arch() -> str:
     return "default"
 
 
-def _build_dir(arch: str) -> Path:
+def _build_dir(arch: str, src: Path) -> Path:
+    """One folder per (torch version, CPU capability, source content): two checkouts with different C++
+    sources never rebuild over each other's extension, and the same sources always reuse one build."""
     root = os.environ.get("NASFAST_BUILD_DIR")
     if root is None:
         ext = os.environ.get("TORCH_EXTENSIONS_DIR")
         root = str(Path(ext) / "nasfast") if ext else str(Path.home() / ".cache" / "nasfast")
-    tag = f"torch{torch.__version__.replace('+', '_')}-{arch}"
+    digest = hashlib.sha1()
+    for path in sorted([*src.glob("*.cpp"), *src.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    tag = f"torch{torch.__version__.replace('+', '_')}-{arch}-{digest.hexdigest()[:10]}"
     return Path(root) / tag
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds with an OS file lock, which the kernel releases if its holder dies.
+
+    torch's own build lock is a plain ``lock`` file: a build killed hard (SIGKILL, OOM, a closed
+    terminal) leaves it behind, and every later process waits on it forever. Holding our lock proves
+    no other nasfast build is running here, so such a file is stale and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: keep torch's behaviour
+        yield
+        return
+    with open(build_dir / "nasfast.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build() -> str:
@@ -76,18 +105,19 @@ def _build() -> str:
         cflags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
         cflags += ["-DCPU_CAPABILITY=DEFAULT"]
-    build_dir = _build_dir(arch)
+    build_dir = _build_dir(arch, src)
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"nasfast_native_{arch}",
-        sources=sources,
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],  # libgomp.so.1: the same soname torch's own runtime is loaded as
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        is_python_module=False,  # plain TORCH_LIBRARY .so, loaded with torch.ops.load_library
-        verbose=os.environ.get("NASFAST_NATIVE_VERBOSE") == "1",
-    )
+    with _build_lock(build_dir):
+        cpp_extension.load(
+            name=f"nasfast_native_{arch}",
+            sources=sources,
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],  # libgomp.so.1: the same soname torch's own runtime is loaded as
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            is_python_module=False,  # plain TORCH_LIBRARY .so, loaded with torch.ops.load_library
+            verbose=os.environ.get("NASFAST_NATIVE_VERBOSE") == "1",
+        )
     return str(build_dir)
 
 

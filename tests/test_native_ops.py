@@ -282,3 +282,25 @@ def test_convergence_matches_eager(native, one_thread):
     eager, fused = run(get_ops("eager")), run(get_ops("native"))
     assert fused[-1] < fused[0]
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang(native):
+    """torch's JIT build waits forever on a ``lock`` file that a SIGKILLed build left behind; nasfast
+    takes an OS lock (released when its holder dies) and clears such a file under it."""
+    build_dir = native._build_dir(native._arch(), native._sources_dir())
+    assert (build_dir / "nasfast.lock").exists()  # the session's build went through the OS lock
+    (build_dir / "lock").write_text("")  # what a killed build leaves
+    code = "import nasfast.native as n; assert n.available(), n.why_unavailable()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (build_dir / "lock").exists()
+
+
+def test_build_folder_follows_the_source_content(native, tmp_path):
+    src = native._sources_dir()
+    copy = tmp_path / "csrc"
+    shutil.copytree(src, copy)
+    assert native._build_dir("avx2", copy) == native._build_dir("avx2", src)  # same content, same build
+    first = sorted(copy.glob("*.cpp"))[0]
+    first.write_text(first.read_text() + "\n// edited\n")
+    assert native._build_dir("avx2", copy) != native._build_dir("avx2", src)
