@@ -66,7 +66,8 @@ def protocol_key(proto: dict) -> str:
 
 def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     """Train ``arch`` from scratch as a StaticModel for ``steps`` steps; its dev loss/accuracy."""
-    from .trainer import build_optimizer, clip_and_step, lr_lambda, micro_batches
+    from .data import micro_batches
+    from .optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
     torch.manual_seed(t.seed)  # the same initialisation seed for every child
