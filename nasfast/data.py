@@ -285,6 +285,24 @@ def _install(corpus: Corpus, source: Path, data_dir: Path, copy: bool) -> None:
     tmp.rename(data_dir)
 
 
+def data_fingerprint(data_dir: Path) -> str:
+    """Identity of a run's data for result caches: the SHA-1 of its blocks.npz copy (as always), or the
+    content hash of the prepared data it references."""
+    data_dir = Path(data_dir)
+    if (data_dir / "blocks.npz").is_file():
+        import hashlib
+
+        h = hashlib.sha1()
+        with open(data_dir / "blocks.npz", "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    try:
+        return "prepared:" + json.loads((data_dir / REFERENCE).read_text())["hash"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{data_dir} has neither blocks.npz nor a readable {REFERENCE}") from None
+
+
 def _load_referenced(data_dir: Path, cfg: DataConfig) -> Corpus:
     """A run's data by reference: the recorded folder (or data.prepared, if moved), whose hash must match."""
     try:

@@ -278,7 +278,10 @@ def data_key(cfg: DataConfig, sources: list[Source]) -> str:
             fields.pop(name, None)
     stamp = [entry for s in sources for entry in s.stamp()]
     if cfg.tokenizer is not None:
-        stamp += Source(Path(cfg.tokenizer).expanduser(), "tokenizer").stamp()
+        folder = Path(cfg.tokenizer).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"data.tokenizer: {folder} is not a folder (a saved Hugging Face tokenizer: tokenizer.json or vocab.txt)")
+        stamp += Source(folder, "tokenizer").stamp()
     return hashlib.sha256(json.dumps([fields, stamp], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -303,6 +303,7 @@ class SupernetScorer:
         self._model = None
 
     def protocol(self) -> dict:
+        from .data import data_fingerprint
         from .groundtruth import _file_sha1
         from .runs import dev_description
         from .trainer import CHECKPOINT
@@ -311,7 +312,7 @@ class SupernetScorer:
         if not ckpt.is_file():
             raise UserError(f"run {self.run.path} has no checkpoint at {ckpt}")
         return {"version": CACHE_VERSION, "checkpoint_sha1": _file_sha1(ckpt),
-                "data_sha1": _file_sha1(self.run.path / "data" / "blocks.npz"), "dev": dev_description(self.run, self.dev)}
+                "data_sha1": data_fingerprint(self.run.path / "data"), "dev": dev_description(self.run, self.dev)}
 
     def __call__(self, archs: list) -> list:
         from .evaluation import evaluate_child
