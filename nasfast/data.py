@@ -45,11 +45,13 @@ REFERENCE = "prepared.json"  # in a run's data/: the prepared data it uses, by p
 
 
 def make_blocks(lines: list[str], tokenizer, block_size: int) -> np.ndarray:
-    """The in-memory path: blocks of a list of text units, exactly as preparing makes them (chunks of 2000)."""
-    from .prepare import CHUNK_UNITS
+    """The in-memory reference path: [CLS] + body + [SEP] blocks of a list of text units in chunks of 2000
+    (run_mlm's group_texts), tokenized through transformers' own call. Preparing must give the same blocks."""
+    from .prepare import CHUNK_UNITS, group_blocks
 
     dtype = token_dtype(len(tokenizer))
-    parts = [tokenize_chunk(tokenizer, lines[i : i + CHUNK_UNITS], block_size, dtype) for i in range(0, len(lines), CHUNK_UNITS)]
+    parts = [group_blocks(tokenizer(lines[i : i + CHUNK_UNITS], add_special_tokens=False)["input_ids"], tokenizer.cls_token_id,
+                          tokenizer.sep_token_id, block_size, dtype) for i in range(0, len(lines), CHUNK_UNITS)]
     blocks = np.concatenate(parts) if parts else np.empty((0, block_size), dtype)
     if len(blocks) == 0:
         raise UserError(f"the corpus is too small for one block of {block_size} tokens")

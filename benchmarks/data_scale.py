@@ -1,0 +1,176 @@
+"""Pretraining data at scale: prepare time, memory and loading overlap on ~20 MB, ~200 MB and ~1 GB corpora.
+
+    python benchmarks/data_scale.py                       # all sizes, writes benchmarks/results/data_scale.{md,json}
+    python benchmarks/data_scale.py --sizes 20 --steps 20 # a quick look
+
+The corpora are the embedded corpus (nasfast/corpus, ~21 MB of text) decompressed and repeated to the
+size asked (1x, 10x, 50x), written as plain .txt under --work (default /tmp/nasfast-data-scale; never
+the repository). Repetition gives realistic token statistics but no new vocabulary, so every size uses
+the same tokenizer, trained once (``data.tokenizer``): the prepare times below are reading +
+tokenizing + writing, not WordPiece training.
+
+For each size: ``nasfast prepare-data`` at --num-proc 1 and 2 (wall time, MB of text per second, peak
+RSS from /usr/bin/time of the largest process), then a ``--steps``-step ``configs/tiny.yaml`` run on the
+prepared data (peak RSS, time from command start until the first step is logged, and the share of the
+training loop spent waiting for batches with ``data.prefetch`` off and on).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def build_corpus(work: Path, mb: int) -> Path:
+    folder = work / f"corpus_{mb}mb"
+    target = mb * 1_000_000
+    done = folder / "corpus.txt"
+    if done.is_file() and done.stat().st_size >= target:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    text = b"".join(gzip.open(p).read() for p in sorted((ROOT / "nasfast" / "corpus").glob("*.txt.gz")))
+    tmp = folder / ".corpus.txt.tmp"
+    with open(tmp, "wb") as fh:
+        written = 0
+        while written < target:
+            part = text[: target - written]
+            cut = part.rfind(b"\n") + 1 if len(part) < len(text) else len(part)
+            fh.write(part[:cut] if cut else part)
+            written += cut if cut else len(part)
+    tmp.rename(done)
+    return folder
+
+
+def timed(cmd: list[str], env: dict) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS (MiB), stdout."""
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
+    return {"wall_s": wall, "peak_rss_mib": rss, "stdout": proc.stdout}
+
+
+def train_run(prepared: Path, out: Path, steps: int, prefetch: bool, env: dict) -> dict:
+    """A tiny run of ``steps`` steps: peak RSS, seconds from start until the first step is logged, data wait."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "nasfast", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out), "--no-progress",
+           "--set", f"data.prepared={prepared}", "--set", "data.copy_max_mb=0", "--set", f"train.steps={steps}",
+           "--set", "train.log_every=1", "--set", f"train.warmup_steps={min(50, steps)}", "--set", f"train.eval_every={steps}", "--set", f"train.ckpt_every={steps}",
+           "--set", f"data.prefetch={str(prefetch).lower()}"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    first = None
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        if first is None and metrics.is_file() and metrics.stat().st_size > 0:
+            first = time.perf_counter() - started
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({proc.returncode}): {stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) / 1024
+    return {"peak_rss_mib": rss, "first_step_s": first, "wall_s": time.perf_counter() - started,
+            "data_wait_share": summary["data_wait_share"], "data_wait_s": summary["data_wait_s"],
+            "loop_tokens_per_s": summary["tokens_per_s"], "command": " ".join(cmd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="20,200,1000", help="corpus sizes in MB (comma-separated)")
+    ap.add_argument("--num-proc", default="1,2", help="--num-proc values to prepare with")
+    ap.add_argument("--big-num-proc", default="2", help="--num-proc values for sizes >= 1000 MB (time on a shared machine)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nasfast-data-scale"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "data_scale")
+    args = ap.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "NASFAST_CACHE": str(args.work / "cache")}
+    args.work.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.work / "tokenizer"
+    if not tokenizer.is_dir():  # one WordPiece vocabulary for every size (tiny.yaml's settings, the embedded corpus)
+        subprocess.run([sys.executable, "-c", "from nasfast.config import load_config; from nasfast.prepare import train_tokenizer, "
+                        "tokenizer_sample; from nasfast.datasources import resolve_sources; c = load_config('configs/tiny.yaml').data; "
+                        f"train_tokenizer(tokenizer_sample(resolve_sources(c.corpus), c), c.vocab_size, c.lowercase).save_pretrained('{tokenizer}')"],
+                       check=True, env=env, cwd=ROOT)
+    rows = []
+    for mb in [int(s) for s in args.sizes.split(",")]:
+        corpus = build_corpus(args.work, mb)
+        size = (corpus / "corpus.txt").stat().st_size
+        procs = args.big_num_proc if mb >= 1000 else args.num_proc
+        row = {"corpus_mb": round(size / 1e6, 1), "prepare": {}}
+        prepared = None
+        for n in [int(p) for p in procs.split(",")]:
+            out = args.work / f"prepared_{mb}mb_np{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "nasfast", "prepare-data", "--config", "configs/tiny.yaml", "--out", str(out),
+                   "--num-proc", str(n), "--no-progress", "--set", f"data.corpus=[{corpus}]", "--set", "data.max_chars_per_file=null",
+                   "--set", f"data.tokenizer={tokenizer}"]
+            res = timed(cmd, env)
+            manifest = json.loads((out / "manifest.json").read_text())
+            row["prepare"][n] = {"wall_s": res["wall_s"], "mb_per_s": size / 1e6 / res["wall_s"], "peak_rss_mib": res["peak_rss_mib"],
+                                 "train_blocks": manifest["train_blocks"], "tokens": manifest["tokens"],
+                                 "token_mb": manifest["tokens"] * 2 / 1e6, "command": " ".join(cmd)}
+            print(f"{mb} MB prepare np={n}: {res['wall_s']:.1f} s, {size / 1e6 / res['wall_s']:.2f} MB/s, "
+                  f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+            if prepared is not None:
+                shutil.rmtree(prepared)  # keep one prepared copy per size on disk
+            prepared = out
+        row["train"] = {}
+        for prefetch in (False, True):
+            res = train_run(prepared, args.work / f"run_{mb}mb", args.steps, prefetch, env)
+            row["train"]["prefetch" if prefetch else "sync"] = res
+            print(f"{mb} MB train prefetch={prefetch}: peak RSS {res['peak_rss_mib']:.0f} MiB, first step {res['first_step_s']:.1f} s, "
+                  f"data wait {100 * res['data_wait_share']:.2f}%", flush=True)
+        rows.append(row)
+        shutil.rmtree(prepared)
+        write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
+    machine = describe()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/data_scale.py " + " ".join(sys.argv[1:])
+    args.out.with_suffix(".json").write_text(json.dumps({"command": cmd, "machine": machine, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Pretraining data at scale", "",
+        f"Command: `{cmd}` (from the repository root). Machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, "
+        f"load average {machine['load_average_1_5_15min']} (shared with other jobs: times are noisy, memory is not).", "",
+        "Corpora: the embedded corpus (~21 MB of text) repeated to each size, plain .txt. One tokenizer for all "
+        "(trained once on the embedded corpus with configs/tiny.yaml's settings, passed as data.tokenizer), so "
+        "prepare = read + tokenize + write blocks + split dev + hash. Training: configs/tiny.yaml on the prepared "
+        f"data (memory-mapped, run folder references it), {args.steps} steps, eager backend, CPU.", "",
+        "| corpus | num-proc | prepare s | MB/s | prepare peak RSS MiB | tokens (M) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for n, p in r["prepare"].items():
+            lines.append(f"| {r['corpus_mb']} MB | {n} | {p['wall_s']:.1f} | {p['mb_per_s']:.2f} | {p['peak_rss_mib']:.0f} | {p['tokens'] / 1e6:.1f} |")
+    lines += ["", "| corpus | training peak RSS MiB (prefetch) | first step s | data wait, synchronous | data wait, prefetch |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s, p = r["train"]["sync"], r["train"]["prefetch"]
+        lines.append(f"| {r['corpus_mb']} MB | {p['peak_rss_mib']:.0f} | {p['first_step_s']:.1f} | "
+                     f"{100 * s['data_wait_share']:.2f}% | {100 * p['data_wait_share']:.2f}% |")
+    lines += ["", "First step: seconds from starting `nasfast pretrain` until metrics.jsonl holds step 1 (start-up, model "
+              "build, dev/anchor batches and one training step). Data wait: the share of the training loop's time spent "
+              "in the loader's get (summary.json data_wait_share)."]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
