@@ -46,9 +46,10 @@ class DataConfig:
     # never used for evaluation (estimates, ground truth, dev curves), so choosing the anchor does not
     # peek at the data the ranking is judged on.
     anchor_blocks: int = 0
-    # A folder with tokenizer/ and blocks.npz (e.g. a run's data/ folder): use exactly these tokens
-    # instead of tokenizing data.corpus. WordPiece training differs between machines, so this is how
-    # an experiment pins its data across machines.
+    # A folder made by `nasfast prepare-data` (memory-mapped blocks + manifest), or one with tokenizer/
+    # and blocks.npz (e.g. a run's data/ folder): use exactly these tokens instead of tokenizing
+    # data.corpus. WordPiece training differs between machines, so this is how an experiment pins its
+    # data across machines, and how large corpora are tokenized once for many runs.
     prepared: Optional[str] = None
     cache_dir: Optional[str] = None  # tokenized-corpus cache (default $NASFAST_CACHE or ~/.cache/nasfast)
     text_column: str = "text"  # the text field of .jsonl / .parquet / saved-dataset inputs

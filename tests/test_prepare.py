@@ -195,6 +195,7 @@ def test_cli_prepare_data_errors_and_noop(tmp_path, micro_yaml_tok):
 
 
 # --- run folders reference large data by hash -----------------------------------------------------
+@pytest.mark.slow
 def test_run_references_prepared_data_and_resume_refuses_another_hash(tmp_path, micro_yaml_tok):
     prep, run = tmp_path / "prep", tmp_path / "run"
     assert cli("prepare-data", "--config", micro_yaml_tok, "--out", prep, "--no-progress").returncode == 0
