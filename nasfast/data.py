@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from .config import DataConfig
 from .datasources import MAX_UNDECODABLE_SHARE, corpus_files, read_lines, resolve_sources  # noqa: F401  (public API)
 from .distributed import World
 from .errors import UserError
-from .prepare import (DEV_SPLIT_SEED, SPECIAL_TOKENS, convert_legacy, data_key, load_tokenizer, open_prepared,  # noqa: F401
-                      prepare, read_manifest, token_dtype, tokenize_chunk, train_tokenizer)
+from .prepare import (DEV_SPLIT_SEED, SPECIAL_TOKENS, convert_legacy, data_key, load_tokenizer, open_prepared,  # noqa: F401  (public API)
+                      prepare, read_manifest, token_dtype, train_tokenizer)
 from .rng import micro_seed, torch_generator
 
 # Fixed mask seeds of the held-out splits (values predate nasfast.rng; changing them would change every
@@ -173,7 +172,7 @@ class Corpus:
         counts = self.counts
         if counts is None:
             counts = np.bincount(np.asarray(self.train_blocks).ravel(), minlength=self.vocab_size)
-        counts = counts[: max(self.vocab_size, len(counts))].astype(np.float64) + 1.0
+        counts = counts.astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())
         targets = torch.cat([b["labels"][b["labels"] != -100] for b in dev]).numpy()
         return float(-logp[targets].mean())

@@ -21,7 +21,7 @@ from .alignment import AnchorTracker
 from .checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from .config import Config, build_space
 from .data import Corpus, build_corpus, micro_batches  # noqa: F401  (micro_batches re-exported: benchmarks)
-from .distributed import World, barrier, init_from_env, reduce_step_state
+from .distributed import barrier, init_from_env, reduce_step_state
 from .engine import Engine, build_engine, check_backend, resolve_device
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
