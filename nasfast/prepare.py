@@ -409,7 +409,12 @@ def convert_legacy(folder: Path, out: Path, cfg: DataConfig) -> None:
             "settings": settings_of(cfg),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it meanwhile
+            if not (out / "manifest.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
