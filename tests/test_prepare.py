@@ -325,3 +325,20 @@ def test_two_ranks_read_disjoint_blocks_of_one_shared_map(micro_config, tmp_path
     corpus = Corpus(None, train, train[:1], 0.15)
     expect = [np.concatenate([corpus.train_batch_indices(0, s, 4, r, 2) for s in range(4)]).tolist() for r in range(2)]
     assert index == expect
+
+
+def test_an_older_cache_entry_is_converted_keeping_its_tokenizer(micro_config, micro_corpus, tmp_path):
+    """A cache written by an older nasfast (blocks.npz + tokenizer/) becomes a prepared folder with the same tokens."""
+    from nasfast.datasources import resolve_sources
+    from nasfast.prepare import data_key
+
+    cfg = _data_cfg(micro_config, cache_dir=str(tmp_path / "cache"))
+    legacy = tmp_path / "cache" / "corpus" / data_key(cfg, resolve_sources(cfg.corpus))
+    micro_corpus.tokenizer.save_pretrained(str(legacy / "tokenizer"))
+    train = micro_corpus.train_blocks.astype(np.int32)[::-1]  # int32, as older versions stored them; an order no prepare makes
+    dev = micro_corpus.dev_blocks.astype(np.int32)
+    np.savez(legacy / "blocks.npz", train=train, dev=dev)
+    corpus = build_corpus(cfg)
+    assert isinstance(corpus.train_blocks, np.memmap) and np.array_equal(corpus.train_blocks, train)
+    assert np.array_equal(corpus.dev_blocks, dev) and corpus.tokenizer.get_vocab() == micro_corpus.tokenizer.get_vocab()
+    assert np.array_equal(corpus.counts, np.bincount(train.ravel(), minlength=corpus.vocab_size))
