@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--work", type=Path, default=Path("/tmp/nasfast-data-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "data_scale")
+    ap.add_argument("--merge", action="store_true", help="keep saved rows of the sizes not given in --sizes")
     ap.add_argument("--collate-only", action="store_true", help="only (re)measure the masking cost; keep the saved rows")
     args = ap.parse_args()
     if args.collate_only:
@@ -142,11 +143,15 @@ def main() -> None:
                         f"train_tokenizer(tokenizer_sample(resolve_sources(c.corpus), c), c.vocab_size, c.lowercase).save_pretrained('{tokenizer}')"],
                        check=True, env=env, cwd=ROOT)
     rows = []
+    saved = args.out.with_suffix(".json")
+    if args.merge and saved.is_file():  # keep the saved rows of sizes not measured in this invocation
+        asked = {int(s) for s in args.sizes.split(",")}
+        rows = [r for r in json.loads(saved.read_text())["rows"] if r.get("size_mb") not in asked]
     for mb in [int(s) for s in args.sizes.split(",")]:
         corpus = build_corpus(args.work, mb)
         size = (corpus / "corpus.txt").stat().st_size
         procs = args.big_num_proc if mb >= 1000 else args.num_proc
-        row = {"corpus_mb": round(size / 1e6, 1), "prepare": {}}
+        row = {"size_mb": mb, "corpus_mb": round(size / 1e6, 1), "prepare": {}}
         prepared = None
         for n in [int(p) for p in procs.split(",")]:
             out = args.work / f"prepared_{mb}mb_np{n}"
@@ -171,6 +176,7 @@ def main() -> None:
             print(f"{mb} MB train prefetch={prefetch}: peak RSS {res['peak_rss_mib']:.0f} MiB, first step {res['first_step_s']:.1f} s, "
                   f"data wait {100 * res['data_wait_share']:.2f}%", flush=True)
         rows.append(row)
+        rows.sort(key=lambda r: r["corpus_mb"])
         shutil.rmtree(prepared)
         write(args, rows)
     write(args, rows, collate_cost())
