@@ -146,7 +146,7 @@ def main() -> None:
     saved = args.out.with_suffix(".json")
     if args.merge and saved.is_file():  # keep the saved rows of sizes not measured in this invocation
         asked = {int(s) for s in args.sizes.split(",")}
-        rows = [r for r in json.loads(saved.read_text())["rows"] if r.get("size_mb") not in asked]
+        rows = [r for r in json.loads(saved.read_text())["rows"] if not any(abs(r["corpus_mb"] - a) < 0.1 * a for a in asked)]
     for mb in [int(s) for s in args.sizes.split(",")]:
         corpus = build_corpus(args.work, mb)
         size = (corpus / "corpus.txt").stat().st_size
