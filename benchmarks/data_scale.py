@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--work", type=Path, default=Path("/tmp/nasfast-data-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "data_scale")
+    ap.add_argument("--note", default="", help="a sentence on the conditions of this measurement, kept in the results")
     ap.add_argument("--merge", action="store_true", help="keep saved rows of the sizes not given in --sizes")
     ap.add_argument("--collate-only", action="store_true", help="only (re)measure the masking cost; keep the saved rows")
     args = ap.parse_args()
@@ -187,7 +188,7 @@ def write(args, rows: list[dict], collate: dict | None = None, cmd: str | None =
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = cmd or "python benchmarks/data_scale.py " + " ".join(sys.argv[1:])
     args.out.with_suffix(".json").write_text(
-        json.dumps({"command": cmd, "machine": machine, "rows": rows, "masking": collate}, indent=1) + "\n")
+        json.dumps({"command": cmd, "machine": machine, "rows": rows, "masking": collate, "note": args.note}, indent=1) + "\n")
     lines = [
         "# Pretraining data at scale", "",
         f"Command: `{cmd}` (from the repository root). Machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, "
@@ -196,18 +197,27 @@ def write(args, rows: list[dict], collate: dict | None = None, cmd: str | None =
         "(trained once on the embedded corpus with configs/tiny.yaml's settings, passed as data.tokenizer), so "
         "prepare = read + tokenize + write blocks + split dev + hash. Training: configs/tiny.yaml on the prepared "
         f"data (memory-mapped, run folder references it), {args.steps} steps, eager backend, CPU.", "",
+        *([f"Conditions: {args.note}", ""] if args.note else []),
         "| corpus | num-proc | prepare s | MB/s | prepare peak RSS MiB | tokens (M) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for n, p in r["prepare"].items():
             lines.append(f"| {r['corpus_mb']} MB | {n} | {p['wall_s']:.1f} | {p['mb_per_s']:.2f} | {p['peak_rss_mib']:.0f} | {p['tokens'] / 1e6:.1f} |")
-    lines += ["", "| corpus | training peak RSS MiB (prefetch) | first step s | data wait, synchronous | data wait, prefetch |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += ["", f"Training, {args.steps} steps (synchronous loading = data.prefetch=false / prefetch = the default):", "",
+              "| corpus | peak RSS MiB, sync | peak RSS MiB, prefetch | first step s, sync | first step s, prefetch "
+              "| data wait, sync | data wait, prefetch |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s, p = r["train"]["sync"], r["train"]["prefetch"]
-        lines.append(f"| {r['corpus_mb']} MB | {p['peak_rss_mib']:.0f} | {p['first_step_s']:.1f} | "
-                     f"{100 * s['data_wait_share']:.2f}% | {100 * p['data_wait_share']:.2f}% |")
+        lines.append(f"| {r['corpus_mb']} MB | {s['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {s['first_step_s']:.1f} | "
+                     f"{p['first_step_s']:.1f} | {100 * s['data_wait_share']:.2f}% | {100 * p['data_wait_share']:.2f}% |")
+    small, big = rows[0], rows[-1]
+    if big is not small:
+        rss = [max(r["train"]["sync"]["peak_rss_mib"], r["train"]["prefetch"]["peak_rss_mib"]) for r in (small, big)]
+        lines += ["", f"Goals: peak training RSS at {big['corpus_mb']} MB / at {small['corpus_mb']} MB = {rss[1] / rss[0]:.2f}x "
+                  f"(goal <= 1.2x; the larger of the two runs each); first step at {big['corpus_mb']} MB "
+                  f"{big['train']['prefetch']['first_step_s']:.1f} s (goal <= 10 s); data wait with prefetch "
+                  f"{100 * max(r['train']['prefetch']['data_wait_share'] for r in rows):.2f}% at most (goal < 2%)."]
     lines += ["", "First step: seconds from starting `nasfast pretrain` until metrics.jsonl holds step 1 (start-up, model "
               "build, dev/anchor batches and one training step). Data wait: the share of the training loop's time spent "
               "in the loader's get (summary.json data_wait_share)."]
