@@ -13,6 +13,30 @@ from .cli_common import COMMANDS, command, quiet_libraries
 from .errors import BUG_REPORT, UserError
 
 
+@command("prepare-data")
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data import cached_prepared
+    from .prepare import prepare
+
+    cfg = load_config(args.config, list(args.set or []))
+    quiet_libraries()
+    if args.out:
+        stats = prepare(cfg.data, Path(args.out), args.num_proc, progress=not args.no_progress)
+        where = stats.path
+    else:
+        if args.num_proc < 1:
+            raise UserError(f"--num-proc must be >= 1, got {args.num_proc}")
+        where = cached_prepared(cfg.data, args.num_proc, progress=not args.no_progress)
+        from .prepare import stats_of
+
+        stats = stats_of(where)
+    mb = stats.text_chars / 1e6
+    print(f"prepared {stats.train_blocks} train + {stats.dev_blocks} dev blocks of {cfg.data.block_size} tokens from "
+          f"{mb:.1f} M characters (hash {stats.hash[:12]}) -> {where}\nuse it with: --set data.prepared={where}")
+    return 0
+
+
 @command("pretrain")
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
@@ -101,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="train with DeepSpeed ZeRO (e.g. configs/ds/zero2.json); "
                                                               "shortcut for --set train.deepspeed=...")
+    p = sub.add_parser("prepare-data", help="tokenize a corpus once into memory-mapped token blocks",
+                       description="Tokenize data.corpus once (streaming) into a prepared-data folder for data.prepared.")
+    p.add_argument("--config", required=True, help="YAML run config (its data section is used)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--out", help="prepared-data folder to create (default: the data cache)")
+    p.add_argument("--num-proc", type=int, default=1, metavar="N", help="tokenizer processes (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("space", help="describe the search space; params and FLOPs of architectures",
                        description="Describe a config's search space and the exact cost of architectures.")
     p.add_argument("--config", required=True, help="YAML run config")

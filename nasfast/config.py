@@ -47,11 +47,22 @@ class DataConfig:
     # never used for evaluation (estimates, ground truth, dev curves), so choosing the anchor does not
     # peek at the data the ranking is judged on.
     anchor_blocks: int = 0
-    # A folder with tokenizer/ and blocks.npz (e.g. a run's data/ folder): use exactly these tokens
-    # instead of tokenizing data.corpus. WordPiece training differs between machines, so this is how
-    # an experiment pins its data across machines.
+    # A folder made by `nasfast prepare-data` (memory-mapped blocks + manifest), or one with tokenizer/
+    # and blocks.npz (e.g. a run's data/ folder): use exactly these tokens instead of tokenizing
+    # data.corpus. WordPiece training differs between machines, so this is how an experiment pins its
+    # data across machines, and how large corpora are tokenized once for many runs.
     prepared: Optional[str] = None
     cache_dir: Optional[str] = None  # tokenized-corpus cache (default $NASFAST_CACHE or ~/.cache/nasfast)
+    text_column: str = "text"  # the text field of .jsonl / .parquet / saved-dataset inputs
+    # An existing local Hugging Face tokenizer folder (e.g. a BERT WordPiece vocabulary) instead of
+    # training one here; vocab_size and lowercase are then the tokenizer's own.
+    tokenizer: Optional[str] = None
+    tokenizer_sample_chars: int = 100_000_000  # text the tokenizer is trained on, split evenly over inputs
+    # A run folder keeps its own copy of data this small (tokens, MB) so it does not depend on the cache;
+    # larger data are recorded by path and content hash (resume/evaluate refuse a different hash).
+    copy_max_mb: float = 64.0
+    num_proc: int = 1  # tokenizer processes when pretrain prepares the data itself
+    prefetch: bool = True  # build step s+1's batches on a background thread while step s computes
 
 
 @dataclass
@@ -272,6 +283,10 @@ def validate(cfg: Config) -> None:
          f"data.anchor_blocks must be in [0, data.dev_blocks={d.dev_blocks}), got {d.anchor_blocks}")
     need(d.max_chars_per_file is None or d.max_chars_per_file > 0, "data.max_chars_per_file must be positive or null")
     need(len(d.corpus) > 0, "data.corpus is empty")
+    need(d.tokenizer_sample_chars > 0, f"data.tokenizer_sample_chars must be positive, got {d.tokenizer_sample_chars}")
+    need(d.copy_max_mb >= 0, f"data.copy_max_mb must be >= 0, got {d.copy_max_mb}")
+    need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
+    need(bool(d.text_column), "data.text_column must not be empty")
     need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")

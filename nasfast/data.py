@@ -1,27 +1,25 @@
-"""Pretraining data, fully offline: text files -> local WordPiece tokenizer -> fixed-length blocks.
+"""Pretraining data, fully offline: text -> local WordPiece tokenizer -> fixed-length blocks -> batches.
 
-- Corpus: ``default`` is the embedded corpus (``nasfast/corpus``, see its SOURCES.md), or any local
-  ``.txt`` / ``.txt.gz`` files or folders of them.
-- Tokenizer: WordPiece trained here with ``tokenizers``, saved in the run folder as a transformers
-  ``PreTrainedTokenizerFast``.
-- Blocks: ``datasets`` tokenizes and groups text into [CLS] + (block_size - 2) tokens + [SEP].
-- Split: a fixed dev set (seeded independently of the training seed, so every run sees the same dev).
-- Batches: the training batch of step s is a pure function of (seed, s): resume needs no iterator state.
+- Inputs (``data.corpus``): ``default`` is the embedded corpus (``nasfast/corpus``, see its SOURCES.md),
+  or local ``.txt``/``.txt.gz``, ``.jsonl``/``.jsonl.gz``, ``.parquet`` files, saved ``datasets`` folders,
+  or folders of them (``nasfast.datasources``).
+- Prepared data (``nasfast.prepare``): tokenized once, streaming, into memory-mapped token blocks with
+  the tokenizer, the fixed dev split and a manifest with a content hash. ``data.prepared`` points at such
+  a folder (``nasfast prepare-data``); otherwise the data are prepared into the cache on first use.
+- Run folders: ``data/`` keeps the tokenizer and, for small data, a copy of the blocks (``blocks.npz``),
+  so such a run never depends on the cache; larger data are referenced by path and content hash
+  (``prepared.json``), and a resume or evaluation refuses data whose hash differs.
+- Batches: the training batch of step s is a pure function of (seed, s, micro, rank): resume needs no
+  iterator state, and a background thread may build step s+1's batch while step s computes.
 """
 from __future__ import annotations
 
-import codecs
-import gzip
-import hashlib
 import json
-import math
 import os
 import shutil
-import tempfile
+import threading
 import zipfile
-import zlib
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -29,141 +27,76 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .datasources import MAX_UNDECODABLE_SHARE, corpus_files, read_lines, resolve_sources  # noqa: F401  (public API)
 from .distributed import World
-from .errors import UserError, warn
-from .rng import micro_seed
+from .errors import UserError
+from .prepare import (DEV_SPLIT_SEED, SPECIAL_TOKENS, convert_legacy, data_key, load_tokenizer, open_prepared,  # noqa: F401  (public API)
+                      prepare, read_manifest, token_dtype, train_tokenizer)
+from .rng import ANCHOR_MASK_SEED, DEV_MASK_SEED, micro_seed, torch_generator
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-DEV_SPLIT_SEED = 20220717  # fixed: the dev set does not depend on the training seed
-DEV_MASK_SEED = 4242
-ANCHOR_MASK_SEED = 4243
-# Share of a corpus file's bytes that may fail to decode as UTF-8 (each becomes U+FFFD, with a
-# warning); above it the file is refused: it is binary or in another encoding (latin-1, cp1252).
-MAX_UNDECODABLE_SHARE = 0.01
-
-_undecodable = [0]
-
-
-def _count_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
-    """Like errors="replace" (one U+FFFD per bad sequence), counting the bytes replaced."""
-    _undecodable[0] += exc.end - exc.start
-    return "\ufffd", exc.end
-
-
-codecs.register_error("nasfast-count", _count_undecodable)
-
-
-def corpus_files(entries: list) -> list[Path]:
-    files: list[Path] = []
-    for entry in entries:
-        if entry == "default":
-            root = resources.files("nasfast") / "corpus"
-            files += sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".txt.gz"))
-            continue
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.name.endswith((".txt", ".txt.gz")))
-            if not found:
-                raise UserError(f"corpus folder {path} has no .txt or .txt.gz files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"corpus path not found: {path}")
-    return files
-
-
-def read_lines(files: list[Path], max_chars_per_file: Optional[int]) -> list[str]:
-    lines: list[str] = []
-    for path in files:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        budget = max_chars_per_file if max_chars_per_file is not None else math.inf
-        _undecodable[0], chars = 0, 0
-        try:
-            with opener(path, "rt", encoding="utf-8", errors="nasfast-count") as fh:
-                for line in fh:
-                    chars += len(line)
-                    line = line.strip()
-                    if line:
-                        lines.append(line)
-                        budget -= len(line)
-                        if budget <= 0:
-                            break
-        except (OSError, EOFError, zlib.error) as exc:
-            raise UserError(f"cannot read corpus file {path}: {exc}") from None
-        _check_decoding(path, _undecodable[0], chars)
-    if not lines:
-        raise UserError(f"the corpus is empty (files: {', '.join(str(f) for f in files)})")
-    return lines
-
-
-def _check_decoding(path: Path, bad: int, chars: int) -> None:
-    if not bad:
-        return
-    share = bad / max(chars, 1)
-    if share > MAX_UNDECODABLE_SHARE:
-        raise UserError(f"corpus file {path} is not UTF-8 text: {share:.1%} of it does not decode (binary, or another "
-                        f"encoding such as latin-1?); convert it (e.g. iconv -f latin1 -t utf-8) or leave it out")
-    warn(f"corpus file {path}: {bad} bytes ({share:.3%}) are not UTF-8 and were replaced by U+FFFD")
-
-
-def train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool):
-    """Train a BERT-style WordPiece tokenizer locally and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    )
-
-
-def load_tokenizer(path: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+# The MLM collator's split of selected tokens: 80% [MASK], 10% a random token, 10% unchanged.
+MASK_REPLACE_PROB, RANDOM_REPLACE_PROB = 0.8, 0.1
+REFERENCE = "prepared.json"  # in a run's data/: the prepared data it uses, by path and content hash
 
 
 def make_blocks(lines: list[str], tokenizer, block_size: int) -> np.ndarray:
-    """Tokenize with ``datasets`` and group into [CLS] + body + [SEP] blocks (run_mlm's group_texts)."""
-    from datasets import Dataset
+    """The in-memory reference path: [CLS] + body + [SEP] blocks of a list of text units in chunks of 2000
+    (run_mlm's group_texts), tokenized through transformers' own call. Preparing must give the same blocks."""
+    from .prepare import CHUNK_UNITS, group_blocks
 
-    body = block_size - 2
-    ds = Dataset.from_dict({"text": lines})
-    ds = ds.map(
-        lambda b: {"input_ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]},
-        batched=True, remove_columns=["text"], keep_in_memory=True,
-    )
-
-    def group(batch):
-        ids = [t for seq in batch["input_ids"] for t in seq]
-        n = len(ids) // body * body
-        return {"block": [[tokenizer.cls_token_id] + ids[i : i + body] + [tokenizer.sep_token_id] for i in range(0, n, body)]}
-
-    ds = ds.map(group, batched=True, batch_size=2000, remove_columns=["input_ids"], keep_in_memory=True)
-    if len(ds) == 0:
+    dtype = token_dtype(len(tokenizer))
+    parts = [group_blocks(tokenizer(lines[i : i + CHUNK_UNITS], add_special_tokens=False)["input_ids"], tokenizer.cls_token_id,
+                          tokenizer.sep_token_id, block_size, dtype) for i in range(0, len(lines), CHUNK_UNITS)]
+    blocks = np.concatenate(parts) if parts else np.empty((0, block_size), dtype)
+    if len(blocks) == 0:
         raise UserError(f"the corpus is too small for one block of {block_size} tokens")
-    return np.asarray(ds.with_format("numpy")["block"], dtype=np.int32)
+    return blocks
+
+
+def mask_tokens(ids: torch.Tensor, generator: Optional[torch.Generator], mlm_probability: float, vocab_size: int,
+                mask_id: int, special_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' DataCollatorForLanguageModeling masking, vectorised, drawing from ``generator``.
+
+    Same draws in the same order as the collator (bernoulli select, bernoulli [MASK], bernoulli random,
+    randint), so with the same generator state the masks are bitwise the collator's; special tokens are
+    never selected. ``generator=None`` draws from torch's global generator, as the collator does.
+    """
+    inputs, labels = ids.clone(), ids.clone()
+    probability = torch.full(labels.shape, mlm_probability)
+    probability.masked_fill_(torch.isin(ids, special_ids), 0.0)
+    selected = torch.bernoulli(probability, generator=generator).bool()
+    labels[~selected] = -100
+    replaced = torch.bernoulli(torch.full(labels.shape, MASK_REPLACE_PROB), generator=generator).bool() & selected
+    inputs[replaced] = mask_id
+    scaled = RANDOM_REPLACE_PROB / (1 - MASK_REPLACE_PROB)
+    randomized = torch.bernoulli(torch.full(labels.shape, scaled), generator=generator).bool() & selected & ~replaced
+    words = torch.randint(vocab_size, labels.shape, dtype=torch.long, generator=generator)
+    inputs[randomized] = words[randomized]
+    return inputs, labels
 
 
 @dataclass
 class Corpus:
-    """Tokenized blocks split into train and dev, plus what the collator needs."""
+    """Tokenized blocks split into train and dev, plus what masking needs.
+
+    ``train_blocks`` may be a read-only memory map (prepared data): batches are sliced from it, so
+    every rank shares the same pages and memory does not grow with the corpus.
+    """
 
     tokenizer: object
-    train_blocks: np.ndarray  # [N, block_size] int32
+    train_blocks: np.ndarray  # [N, block_size] uint16/uint32 (int32 in older copies)
     dev_blocks: np.ndarray  # evaluation dev split (estimates, ground truth, dev curves)
     mlm_probability: float
     anchor_blocks: Optional[np.ndarray] = None  # MAGIC-A anchor-selection split, disjoint from dev_blocks
+    counts: Optional[np.ndarray] = None  # unigram counts of train_blocks (prepared data carry them)
+    source: Optional[dict] = None  # {"path", "hash"} of the prepared data behind the blocks
+    _perms: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fd: Optional[int] = field(default=None, repr=False)  # the train file, for pread (see read_rows)
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
     def reserve_anchor_split(self, n: int) -> "Corpus":
         """Move the last ``n`` dev blocks into the anchor-selection split (no-op for n = 0)."""
@@ -177,99 +110,131 @@ class Corpus:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def collator(self):
-        from transformers import DataCollatorForLanguageModeling
+    def collate(self, blocks: np.ndarray, generator: Optional[torch.Generator] = None) -> dict:
+        """A masked-LM batch of ``blocks``; masks drawn from ``generator`` (None: torch's global generator)."""
+        ids = torch.from_numpy(np.asarray(blocks).astype(np.int64))
+        special = torch.tensor(sorted(self.tokenizer.all_special_ids), dtype=torch.long)
+        inputs, labels = mask_tokens(ids, generator, self.mlm_probability, self.vocab_size, self.tokenizer.mask_token_id, special)
+        return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs)}
 
-        # No seed: the collator draws from torch's global RNG, which the trainer seeds per (seed, step).
-        return DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=self.mlm_probability)
-
-    def collate(self, blocks: np.ndarray) -> dict:
-        batch = self.collator()([{"input_ids": b} for b in torch.from_numpy(blocks.astype(np.int64))])
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        return batch
+    def _epoch_permutation(self, seed: int, epoch: int) -> np.ndarray:
+        """The order of epoch ``epoch``: a pure function of (seed, epoch), cached (a large corpus has millions of blocks)."""
+        key = (int(seed), int(epoch))
+        with self._lock:
+            perm = self._perms.get(key)
+            if perm is None:
+                perm = np.random.default_rng([seed, int(epoch)]).permutation(len(self.train_blocks))
+                if len(self._perms) >= 2:  # the current epoch and the next one cover every batch
+                    self._perms.pop(next(iter(self._perms)))
+                self._perms[key] = perm
+            return perm
 
     def train_batch_indices(self, seed: int, micro_step: int, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
-        """Indices of train blocks for one micro-batch; epoch permutations depend only on (seed, epoch)."""
+        """Indices of train blocks for one micro-batch; epoch permutations depend only on (seed, epoch).
+
+        Rank r of w takes the r-th of w consecutive slices of the global order, so ranks never share a block
+        within an epoch.
+        """
         n = len(self.train_blocks)
         start = (micro_step * world + rank) * batch_size
         idx = np.arange(start, start + batch_size)
         out = np.empty(batch_size, dtype=np.int64)
         for epoch in np.unique(idx // n):
-            perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+            perm = self._epoch_permutation(seed, int(epoch))
             sel = idx // n == epoch
             out[sel] = perm[idx[sel] % n]
         return out
 
+    def train_batch(self, seed: int, step: int, micro: int, grad_accum: int, batch_size: int, world: World = World()) -> tuple[int, dict]:
+        """(seed, batch) of one micro-batch: blocks, masks and dropout seed are functions of (seed, step, micro, rank)."""
+        mseed = micro_seed(seed, step, micro, world.rank)
+        idx = self.train_batch_indices(seed, step * grad_accum + micro, batch_size, world.rank, world.size)
+        return mseed, self.collate(self.read_rows(idx), torch_generator(mseed))
+
+    def read_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Train blocks ``idx``. From a memory map they are read with pread, not through the map: a page
+        fault maps the neighbouring cached pages too (fault-around, readahead), so slicing the map would
+        grow the process's RSS by ~64 KiB per block read until the whole file counted as resident."""
+        blocks = self.train_blocks
+        if not isinstance(blocks, np.memmap) or blocks.filename is None:
+            return np.asarray(blocks[idx])
+        rows = np.empty((len(idx), blocks.shape[1]), dtype=blocks.dtype)
+        width = rows.strides[0]
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(blocks.filename, os.O_RDONLY)
+        for i, row in enumerate(idx):
+            rows[i] = np.frombuffer(os.pread(self._fd, width, blocks.offset + int(row) * width), dtype=blocks.dtype)
+        return rows
+
+    def _fixed_batches(self, blocks: np.ndarray, batch_size: int, seed: int) -> list[dict]:
+        generator = torch_generator(seed)  # one stream over the batches in order: the same masks every time
+        return [self.collate(blocks[i : i + batch_size], generator) for i in range(0, len(blocks), batch_size)]
+
     def dev_batches(self, batch_size: int, num_batches: int) -> list[dict]:
         """Fixed, pre-masked dev batches: the same positions are masked for every child and run."""
-        state = torch.random.get_rng_state()
-        torch.manual_seed(DEV_MASK_SEED)
-        try:
-            blocks = self.dev_blocks[: batch_size * num_batches]
-            return [self.collate(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
-        finally:
-            torch.random.set_rng_state(state)
+        return self._fixed_batches(self.dev_blocks[: batch_size * num_batches], batch_size, DEV_MASK_SEED)
 
     def anchor_batches(self, batch_size: int) -> list[dict]:
         """Every anchor-selection block, pre-masked with its own fixed seed (same masks for all children)."""
         if self.anchor_blocks is None or len(self.anchor_blocks) == 0:
             raise UserError("no anchor-selection split: set data.anchor_blocks")
-        state = torch.random.get_rng_state()
-        torch.manual_seed(ANCHOR_MASK_SEED)
-        try:
-            blocks = self.anchor_blocks
-            return [self.collate(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
-        finally:
-            torch.random.set_rng_state(state)
+        return self._fixed_batches(self.anchor_blocks, batch_size, ANCHOR_MASK_SEED)
 
     def unigram_entropy(self, dev: list[dict]) -> float:
         """Cross-entropy (nats) of the dev masked tokens under the train unigram distribution (add-one)."""
-        counts = np.bincount(self.train_blocks.ravel(), minlength=self.vocab_size).astype(np.float64) + 1.0
+        counts = self.counts
+        if counts is None:
+            counts = np.bincount(np.asarray(self.train_blocks).ravel(), minlength=self.vocab_size)
+        counts = counts.astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())
         targets = torch.cat([b["labels"][b["labels"] != -100] for b in dev]).numpy()
         return float(-logp[targets].mean())
 
 
-def _data_key(cfg: DataConfig, files: list[Path]) -> str:
-    """Content key of a tokenized corpus: the data settings and each file's name, size and mtime."""
-    stamp = [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("mlm_probability", "cache_dir", "anchor_blocks", "prepared")}
-    return hashlib.sha256(json.dumps([fields, stamp], sort_keys=True).encode()).hexdigest()[:16]
+def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()) -> Iterator[tuple[int, dict]]:
+    """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
+    functions of (seed, step, micro, rank) only. Shared by the supernet trainer and standalone children."""
+    for micro in range(t.grad_accum):
+        seed, batch = corpus.train_batch(t.seed, step, micro, t.grad_accum, t.batch_size, world)
+        yield seed, {k: v.to(device) for k, v in batch.items()}
 
 
-def _save(folder: Path, tokenizer, train: np.ndarray, dev: np.ndarray) -> None:
-    """Write tokenizer + blocks into a temp folder, then rename it into place (atomic)."""
+# --- where a run's data come from -----------------------------------------------------------------
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NASFAST_CACHE", Path.home() / ".cache" / "nasfast"))
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cache.exists() and not cache.is_dir():
+        key = "data.cache_dir" if cfg.cache_dir else "$NASFAST_CACHE (or ~/.cache/nasfast)"
+        raise UserError(f"{key} {cache} is a file; it must be a folder")
+    return cache
+
+
+def cached_prepared(cfg: DataConfig, num_proc: Optional[int] = None, progress: bool = False) -> Path:
+    """The cache's prepared folder for ``cfg.corpus``: prepared on first use; an older cache entry
+    (blocks.npz) is converted, keeping its tokenizer."""
+    root = _cache_root(cfg)
+    key = data_key(cfg, resolve_sources(cfg.corpus))
+    folder = root / "prepared" / key
+    if (folder / "manifest.json").is_file():
+        return folder
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        np.savez(tmp / "blocks.npz", train=train, dev=dev)
+        legacy = root / "corpus" / key
+        if (legacy / "blocks.npz").is_file() and (legacy / "tokenizer").is_dir():
+            convert_legacy(legacy, folder, cfg)
+        else:
+            prepare(cfg, folder, num_proc or cfg.num_proc, progress)
     except OSError as exc:
-        raise UserError(f"cannot write the data cache {folder.parent.parent}: {exc.strerror or exc} "
+        raise UserError(f"cannot write the data cache {root}: {exc.strerror or exc} "
                         "(set data.cache_dir or $NASFAST_CACHE to a writable folder)") from None
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process won the race; its copy is identical in purpose
-        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
-def _install(cached: Path, data_dir: Path) -> None:
-    """Copy the cached corpus into the run folder as data/, replacing an old one, via a temp folder."""
-    for stale in data_dir.parent.glob(f".{data_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if data_dir.exists():
-        foreign = sorted({p.name for p in data_dir.iterdir()} - {"blocks.npz", "tokenizer"})
-        if foreign:  # never delete a folder that nasfast did not write
-            raise UserError(f"{data_dir} is not a nasfast data folder (it holds {', '.join(foreign[:3])}); "
-                            "choose another --out")
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.copytree(cached, tmp)
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    tmp.rename(data_dir)
-
-
-def _load(folder: Path, mlm_probability: float) -> Corpus:
+def _load_npz(folder: Path, mlm_probability: float) -> Corpus:
+    """A folder with blocks.npz + tokenizer/ (a run's small-data copy, or data prepared by older nasfast)."""
     blocks = folder / "blocks.npz"
     try:
         with np.load(blocks) as saved:
@@ -283,20 +248,98 @@ def _load(folder: Path, mlm_probability: float) -> Corpus:
     return Corpus(tokenizer, train, dev, mlm_probability)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NASFAST_CACHE", Path.home() / ".cache" / "nasfast"))
+def _load_folder(folder: Path, mlm_probability: float) -> Corpus:
+    """A prepared folder (memory-mapped) or an older blocks.npz folder."""
+    if (folder / "manifest.json").is_file():
+        manifest, tokenizer, train, dev, counts = open_prepared(folder)
+        return Corpus(tokenizer, train, dev, mlm_probability, counts=counts,
+                      source={"path": str(folder.resolve()), "hash": manifest["hash"]})
+    return _load_npz(folder, mlm_probability)
 
 
-def _cache_root(cfg: DataConfig) -> Path:
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    if cache.exists() and not cache.is_dir():
-        key = "data.cache_dir" if cfg.cache_dir else "$NASFAST_CACHE (or ~/.cache/nasfast)"
-        raise UserError(f"{key} {cache} is a file; it must be a folder")
-    return cache
+def _load_prepared(cfg: DataConfig) -> Corpus:
+    folder = Path(cfg.prepared).expanduser()
+    if not (folder / "manifest.json").is_file() and not ((folder / "blocks.npz").is_file() and (folder / "tokenizer").is_dir()):
+        raise UserError(f"data.prepared: {folder} has no blocks.npz and tokenizer/ nor a manifest.json "
+                        "(run nasfast prepare-data, or point at a run's data/ folder)")
+    corpus = _load_folder(folder, cfg.mlm_probability)
+    width = corpus.train_blocks.shape[1]
+    if width != cfg.block_size:
+        raise UserError(f"data.prepared: {folder} holds blocks of {width} tokens but data.block_size is {cfg.block_size}")
+    return corpus
+
+
+def _token_mb(corpus: Corpus) -> float:
+    return (corpus.train_blocks.size + corpus.dev_blocks.size) * corpus.train_blocks.dtype.itemsize / 2**20
+
+
+def _install(corpus: Corpus, source: Path, data_dir: Path, copy: bool) -> None:
+    """The run's data/: the tokenizer, and a copy of the blocks (``copy``) or a reference by path + hash.
+
+    Written beside and renamed into place, replacing what a killed start left; never a foreign folder.
+    """
+    for stale in data_dir.parent.glob(f".{data_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if data_dir.exists():
+        foreign = sorted({p.name for p in data_dir.iterdir()} - {"blocks.npz", "tokenizer", REFERENCE})
+        if foreign:  # never delete a folder that nasfast did not write
+            raise UserError(f"{data_dir} is not a nasfast data folder (it holds {', '.join(foreign[:3])}); "
+                            "choose another --out")
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (source / "blocks.npz").is_file():  # an older-format folder: small by construction, copied as it is
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copytree(source / "tokenizer", tmp / "tokenizer")
+        if copy:
+            np.savez(tmp / "blocks.npz", train=np.asarray(corpus.train_blocks), dev=np.asarray(corpus.dev_blocks))
+        else:
+            (tmp / REFERENCE).write_text(json.dumps(corpus.source, indent=1) + "\n")
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    tmp.rename(data_dir)
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """Identity of a run's data for result caches: the SHA-1 of its blocks.npz copy (as always), or the
+    content hash of the prepared data it references."""
+    data_dir = Path(data_dir)
+    if (data_dir / "blocks.npz").is_file():
+        import hashlib
+
+        h = hashlib.sha1()
+        with open(data_dir / "blocks.npz", "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    try:
+        return "prepared:" + json.loads((data_dir / REFERENCE).read_text())["hash"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{data_dir} has neither blocks.npz nor a readable {REFERENCE}") from None
+
+
+def _load_referenced(data_dir: Path, cfg: DataConfig) -> Corpus:
+    """A run's data by reference: the recorded folder (or data.prepared, if moved), whose hash must match."""
+    try:
+        ref = json.loads((data_dir / REFERENCE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{data_dir / REFERENCE} is corrupt ({type(exc).__name__})") from None
+    candidates = [Path(cfg.prepared).expanduser()] if cfg.prepared else []
+    candidates.append(Path(ref["path"]))
+    folder = next((c for c in candidates if (c / "manifest.json").is_file()), None)
+    if folder is None:
+        raise UserError(f"the prepared data of this run ({ref['path']}, hash {ref['hash'][:12]}) are gone; "
+                        "restore them or set data.prepared to a copy")
+    found = read_manifest(folder)["hash"]
+    if found != ref["hash"]:
+        raise UserError(f"the prepared data in {folder} (hash {found[:12]}) are not the data this run trained on "
+                        f"(hash {ref['hash'][:12]}); point data.prepared at the original")
+    return _load_folder(folder, cfg.mlm_probability)
 
 
 def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None, fresh: bool = False, require: bool = False) -> Corpus:
-    """Tokenizer and blocks for a run: from the run folder, else from the data cache, else built.
+    """Tokenizer and blocks for a run: from the run folder, else from data.prepared, else from the cache
+    (prepared there on first use).
 
     ``fresh``: a new run; a data/ folder already in ``run_dir`` (left by a start killed before its
     first checkpoint) is replaced, never reused, since its settings may differ. ``require``: the run's
@@ -305,55 +348,31 @@ def build_corpus(cfg: DataConfig, run_dir: Optional[Path] = None, fresh: bool = 
     WordPiece training in ``tokenizers`` breaks ties in hash-map order, so two trainings on the same
     text can give different vocabularies. Caching the result by content key makes every run with the
     same data settings on a machine use the same tokenizer (reproducible runs, comparable children)
-    and skips the rebuild; the run folder keeps its own copy so a run never depends on the cache.
+    and skips the rebuild. The run folder keeps its own copy of small data (up to data.copy_max_mb),
+    so such a run never depends on the cache; larger data are recorded by path and content hash.
     """
     return _build_corpus(cfg, run_dir, fresh, require).reserve_anchor_split(cfg.anchor_blocks)
-
-
-def _load_prepared(cfg: DataConfig) -> Corpus:
-    folder = Path(cfg.prepared).expanduser()
-    if not (folder / "blocks.npz").is_file() or not (folder / "tokenizer").is_dir():
-        raise UserError(f"data.prepared: {folder} has no blocks.npz and tokenizer/ (a run's data/ folder has both)")
-    corpus = _load(folder, cfg.mlm_probability)
-    width = corpus.train_blocks.shape[1]
-    if width != cfg.block_size:
-        raise UserError(f"data.prepared: {folder} holds blocks of {width} tokens but data.block_size is {cfg.block_size}")
-    return corpus
 
 
 def _build_corpus(cfg: DataConfig, run_dir: Optional[Path], fresh: bool, require: bool) -> Corpus:
     data_dir = Path(run_dir) / "data" if run_dir else None
     if data_dir is not None and not fresh:
         if (data_dir / "blocks.npz").is_file():
-            return _load(data_dir, cfg.mlm_probability)
+            return _load_npz(data_dir, cfg.mlm_probability)
+        if (data_dir / REFERENCE).is_file():
+            return _load_referenced(data_dir, cfg)
         if require:
             raise UserError(f"run {run_dir} has no data/blocks.npz: its tokenizer and blocks are gone")
     if cfg.prepared is not None:
+        source = Path(cfg.prepared).expanduser()
         corpus = _load_prepared(cfg)
-        if data_dir is not None:
-            _install(Path(cfg.prepared).expanduser(), data_dir)
+    else:
+        source = cached_prepared(cfg)
+        corpus = _load_folder(source, cfg.mlm_probability)
+    if data_dir is None:
         return corpus
-    files = corpus_files(cfg.corpus)
-    cached = _cache_root(cfg) / "corpus" / _data_key(cfg, files)
-    if not (cached / "blocks.npz").is_file():
-        lines = read_lines(files, cfg.max_chars_per_file)
-        tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.lowercase)
-        blocks = make_blocks(lines, tokenizer, cfg.block_size)
-        if len(blocks) <= cfg.dev_blocks:
-            raise UserError(f"the corpus gives {len(blocks)} blocks, not more than data.dev_blocks={cfg.dev_blocks}")
-        perm = np.random.default_rng(DEV_SPLIT_SEED).permutation(len(blocks))
-        dev, train = blocks[perm[: cfg.dev_blocks]], blocks[np.sort(perm[cfg.dev_blocks :])]
-        _save(cached, tokenizer, train, dev)
-    if data_dir is not None:
-        _install(cached, data_dir)
-    return _load(cached, cfg.mlm_probability)
-
-
-def micro_batches(corpus: Corpus, t, step: int, device: torch.device, world: World = World()):
-    """The micro-batches of training step ``step`` with their seeds: batch, masking and dropout are
-    functions of (seed, step, micro, rank) only. Shared by the supernet trainer and standalone children."""
-    for micro in range(t.grad_accum):
-        seed = micro_seed(t.seed, step, micro, world.rank)
-        torch.manual_seed(seed)  # masking; dropout is reseeded per layer from the same seed
-        idx = corpus.train_batch_indices(t.seed, step * t.grad_accum + micro, t.batch_size, world.rank, world.size)
-        yield seed, {k: v.to(device) for k, v in corpus.collate(corpus.train_blocks[idx]).items()}
+    copy = _token_mb(corpus) <= cfg.copy_max_mb
+    _install(corpus, source, data_dir, copy)
+    if copy or (source / "blocks.npz").is_file():
+        return _load_npz(data_dir, cfg.mlm_probability)  # exactly what a resume will read
+    return corpus

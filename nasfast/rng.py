@@ -19,10 +19,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-# Fixed seeds of the held-out splits: the same blocks and masked positions for every run and child.
-DEV_SPLIT_SEED = 1234
-DEV_MASK_SEED = 4321
-ANCHOR_MASK_SEED = 8642
+# Fixed seeds of the held-out splits: the same blocks and masked positions for every run and child. The
+# values predate this module; changing them would change every dev set and invalidate cached ground truth.
+DEV_SPLIT_SEED = 20220717
+DEV_MASK_SEED = 4242
+ANCHOR_MASK_SEED = 4243
 
 # Purposes whose seeds predate this module keep their original derivation (no purpose tag), so existing
 # runs resume bitwise and the tiny run's losses are unchanged.

@@ -46,6 +46,7 @@ LOCK = ".lock"
 RESUMABLE = (
     "train.steps", "train.lr", "train.clip_norm", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.eval_random_children", "train.device", "kernels.backend", "data.cache_dir",
+    "data.prepared", "data.num_proc", "data.prefetch", "data.copy_max_mb",  # data.prepared: its content hash must match
 )
 
 

@@ -306,12 +306,13 @@ class SupernetScorer:
         from .analysis.groundtruth import _file_sha1
         from .analysis.runs import dev_description
         from .checkpointer import CHECKPOINT
+        from .data import data_fingerprint
 
         ckpt = self.run.path / CHECKPOINT
         if not ckpt.is_file():
             raise UserError(f"run {self.run.path} has no checkpoint at {ckpt}")
         return {"version": CACHE_VERSION, "checkpoint_sha1": _file_sha1(ckpt),
-                "data_sha1": _file_sha1(self.run.path / "data" / "blocks.npz"), "dev": dev_description(self.run, self.dev)}
+                "data_sha1": data_fingerprint(self.run.path / "data"), "dev": dev_description(self.run, self.dev)}
 
     def __call__(self, archs: list) -> list:
         from .evaluation import evaluate_child

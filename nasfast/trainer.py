@@ -21,13 +21,14 @@ from . import rng
 from .alignment import AnchorTracker
 from .checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from .config import Config, build_space
-from .data import Corpus, build_corpus, micro_batches
+from .data import Corpus, build_corpus
 from .device import check_backend, resolve_device
-from .distributed import World, barrier, init_from_env, reduce_step_state
+from .distributed import barrier, init_from_env, reduce_step_state
 from .engine import Engine, build_engine
 from .errors import UserError
 from .evaluation import evaluate_child, representative_children
 from .faults import kill_point
+from .loader import StepLoader
 from .metrics import MetricsLog, TrainLogger, read_metrics, training_curves
 from .runfolder import RunFolder, check_resume_changes
 from .samplers import build_sampler
@@ -122,6 +123,8 @@ class Trainer:
         self.anchor = self._build_anchor() if self.sampler.aligns else None
         self.eval_children = representative_children(self.space, t.eval_random_children)
         self.clock = RunClock()
+        self.loader = StepLoader(self.corpus, t, self.device, self.world, prefetch=cfg.data.prefetch)
+        self.loop_s = 0.0  # this invocation's time in the training loop (the data-wait share's denominator)
         self.checkpointer.states = {
             **self.engine.states(), "sampler": self.sampler, "anchor": self.anchor, "rng": RngState(), "clock": self.clock,
         }
@@ -167,7 +170,7 @@ class Trainer:
         self.model.train()
         total_loss = 0.0
         extras: dict = {}
-        for seed, batch in micro_batches(self.corpus, t, step, self.device, self.world):
+        for seed, batch in self.loader.get(step):
             loss, extras = self.engine.forward_loss(arch, batch, seed, anchor)
             self.engine.backward(loss / t.grad_accum)
             total_loss += float(loss.detach()) / t.grad_accum
@@ -204,11 +207,13 @@ class Trainer:
                 kill_point("after-final-checkpoint")
                 return self._finish(status, log.last_dev)
         finally:
+            self.loader.close()
             self.folder.release()
 
     def _loop(self, log: TrainLogger, signals: StopSignals) -> str:
         """Train until the last step, a signal or --stop-after, checkpoint, and return the status."""
         t, start_step, status = self.cfg.train, self.step, "completed"
+        started = time.perf_counter()
         while self.step < t.steps:
             record = self.train_step(self.step)
             record["loss"], stop = reduce_step_state(record["loss"], signals.received is not None, self.world, self.device)
@@ -224,6 +229,7 @@ class Trainer:
             if self.stop_after is not None and self.step - start_step >= self.stop_after:
                 status = "stopped"
                 break
+        self.loop_s += time.perf_counter() - started
         if self.checkpointer.last_step != self.step:
             self.save_checkpoint(log)
         return status
@@ -307,4 +313,8 @@ class Trainer:
             "backend": self.model.ops.name,
             "fused_ops": list(self.model.ops.fused),  # the other ops ran the eager reference
             "engine": self.engine.describe(),
+            # this invocation: seconds the loop waited for batches, and their share of the loop's time
+            "data_wait_s": self.loader.wait_s,
+            "data_wait_share": self.loader.wait_s / self.loop_s if self.loop_s > 0 else 0.0,
+            "data": self.corpus.source or {"path": str(self.run_dir / "data"), "copy": True},
         }

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import rng
 from ..checkpoint import atomic_write_text
+from ..data import data_fingerprint
 from ..errors import UserError
 from ..evaluation import evaluate_mlm
 from .runs import Run, dev_description
@@ -56,7 +57,7 @@ def protocol(run: Run, steps: int, dev: list[dict]) -> dict:
         "version": PROTOCOL_VERSION,
         "model": asdict(run.cfg.model),
         "train": train,
-        "data_sha1": _file_sha1(run.path / "data" / "blocks.npz"),
+        "data_sha1": data_fingerprint(run.path / "data"),
         "dev": dev_description(run, dev),
     }
 

@@ -1,6 +1,6 @@
 """Open a finished (or checkpointed) run folder: its config, space, data and supernet weights.
 
-A run folder holds config.yaml, data/ (tokenizer + blocks.npz), checkpoints/last.pt. Analysis
+A run folder holds config.yaml, data/ (tokenizer + blocks.npz, or a reference to prepared data), checkpoints/last.pt. Analysis
 commands read the data from the run folder itself so the tokenizer and blocks are exactly the run's.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def open_run(path: str | Path, device: Optional[str] = None) -> Run:
         raise UserError(f"run folder not found: {path}")
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path} is not a run folder (no config.yaml)")
-    if not (path / "data" / "blocks.npz").is_file():
+    if not (path / "data" / "blocks.npz").is_file() and not (path / "data" / "prepared.json").is_file():
         raise UserError(f"run {path} has no data folder (data/blocks.npz)")
     cfg = load_config(path / "config.yaml")
     corpus = build_corpus(cfg.data, path, require=True)
