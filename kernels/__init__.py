@@ -1,1 +1,0 @@
-"""Fused Triton kernels for nasfast (installed as nasfast.kernels)."""
