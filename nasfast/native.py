@@ -6,7 +6,7 @@ Where there is no compiler or the build fails, ``available()`` is False and ``wh
 says why; ``nasfast.backend`` then falls back to eager.
 
 Environment:
-- ``NASFAST_CSRC``: the C++ sources (default: the checkout's ``csrc/``, else ``nasfast/csrc``).
+- ``NASFAST_CSRC``: the C++ sources (default ``nasfast/csrc``: the checkout's ``csrc/`` or the wheel's copy).
 - ``NASFAST_BUILD_DIR``: build cache (default ``$TORCH_EXTENSIONS_DIR/nasfast`` if set, else
   ``~/.cache/nasfast``), one sub-directory per torch version / CPU capability / source content.
 - ``NASFAST_NATIVE_ARCH=default``: build without AVX2/FMA even where the CPU has them.
@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -35,15 +36,11 @@ _STATE: dict = {"loaded": False, "error": None, "path": None}
 
 # ------------------------------------------------------------------------------------ build/load
 def _sources_dir() -> Path:
-    """NASFAST_CSRC, else the checkout's top-level csrc/, else csrc/ shipped inside the package
-    (needs pyproject's package-dir ``"nasfast.csrc" = "csrc"`` + package-data ``*.cpp, *.h``)."""
+    """NASFAST_CSRC, else ``nasfast/csrc``: the top-level csrc/ in a checkout (through the link
+    nasfast/csrc -> ../csrc), the copy shipped as package data in an installed wheel."""
     if os.environ.get("NASFAST_CSRC"):
         return Path(os.environ["NASFAST_CSRC"])
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "csrc", here / "csrc"):
-        if any(cand.glob("*.cpp")):
-            return cand
-    return here.parent / "csrc"
+    return Path(__file__).resolve().parent / "csrc"
 
 
 def _arch() -> str:
@@ -92,6 +89,19 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _stage_sources(src: Path, staged: Path) -> list[str]:
+    """Copy the sources into the build folder and compile from there: the compiler commands then do
+    not depend on where nasfast is installed, so a checkout and an installed wheel with the same
+    sources share one build instead of rebuilding over each other. Unchanged files keep their mtime
+    (ninja rebuilds on a newer source)."""
+    staged.mkdir(exist_ok=True)
+    for path in [*src.glob("*.cpp"), *src.glob("*.h")]:
+        target = staged / path.name
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            shutil.copy2(path, target)
+    return sorted(str(p) for p in staged.glob("*.cpp"))
+
+
 def _build() -> str:
     from torch.utils import cpp_extension
 
@@ -108,12 +118,13 @@ def _build() -> str:
     build_dir = _build_dir(arch, src)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(build_dir):
+        sources = _stage_sources(src, build_dir / "src")
         cpp_extension.load(
             name=f"nasfast_native_{arch}",
             sources=sources,
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],  # libgomp.so.1: the same soname torch's own runtime is loaded as
-            extra_include_paths=[str(src)],
+            extra_include_paths=[str(build_dir / "src")],
             build_directory=str(build_dir),
             is_python_module=False,  # plain TORCH_LIBRARY .so, loaded with torch.ops.load_library
             verbose=os.environ.get("NASFAST_NATIVE_VERBOSE") == "1",

@@ -278,10 +278,11 @@ def test_deepspeed_launcher_resume_is_exact(tmp_path, micro_yaml):
     common = ["--config", str(micro_yaml), "--deepspeed", str(DS_CONFIGS / "zero3.json"), "--no-progress",
               "--set", "train.steps=6", "--set", "train.ckpt_every=2", "--set", "train.eval_every=6"]
     full, split = tmp_path / "full", tmp_path / "split"
-    for args in (["pretrain", "--out", str(full), *common],
-                 ["pretrain", "--out", str(split), *common, "--stop-after", "3"],
-                 ["pretrain", "--out", str(split), "--resume", "--no-progress"]):
-        res = _ds_launch(args, tmp_path, env)
+    repo = Path(__file__).resolve().parents[1]  # users launch from the checkout: its folders must not shadow packages
+    for args, cwd in ((["pretrain", "--out", str(full), *common], repo),
+                      (["pretrain", "--out", str(split), *common, "--stop-after", "3"], tmp_path),
+                      (["pretrain", "--out", str(split), "--resume", "--no-progress"], tmp_path)):
+        res = _ds_launch(args, cwd, env)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]

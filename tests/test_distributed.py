@@ -52,3 +52,22 @@ def test_two_ranks_agree(tmp_path):
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "summary.json").is_file()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+@pytest.mark.slow
+def test_torchrun_from_the_repo_root(tmp_path, micro_yaml):
+    """What README tells users to type, from the checkout (whose folders must shadow no package)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "nasfast", "pretrain",
+           "--config", str(micro_yaml), "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.steps=3"]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and "x2" in summary["engine"], summary["engine"]
