@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from .cli_common import command, quiet_libraries
@@ -24,6 +25,7 @@ def count(text: str) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to the ``nasfast`` parser."""
+    from .finetune import DEFAULT_LR, DEFAULT_STEPS
     from .search import STRATEGIES
 
     p = sub.add_parser("search", help="evolutionary (or random) architecture search under a params/FLOPs budget",
@@ -60,14 +62,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model folder on a classification task, several seeds",
                        description="Fine-tune an exported nasfast model (or any local BERT-style transformers folder) on "
                                    "the embedded tasks or a TSV with a header: label + sentence, or label + sentence1 + "
-                                   "sentence2 (other columns ignored). Best epoch chosen on dev; dev and test accuracy per seed.")
+                                   "sentence2 (other columns ignored). A step budget (or --epochs), the best dev evaluation "
+                                   "kept; dev and test accuracy per seed, and a warning when a seed does not beat the "
+                                   "majority label on dev.")
     p.add_argument("--model", required=True, help="local model folder (config.json, weights, tokenizer)")
     p.add_argument("--task", required=True, help="sentiment, wic, or PATH.tsv[.gz] (train split of a user task)")
     p.add_argument("--dev", help="dev TSV of a user task (default: a seeded split of --task)")
     p.add_argument("--test", help="test TSV of a user task (default: a seeded split of --task)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split when --dev/--test are not given")
-    p.add_argument("--epochs", type=float, default=3, help="training epochs (default 3)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (linear warm-up 10%%, then linear decay; default 1e-4)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help=f"optimizer steps, whatever the task size (default {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=float, help="train for E epochs instead of a step budget, dev evaluation after each")
+    p.add_argument("--evals", type=int, default=10, help="dev evaluations of a step budget, evenly spaced (default 10)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help=f"peak learning rate (linear warm-up 10%%, then linear decay; default {DEFAULT_LR:g})")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     p.add_argument("--max-len", type=int, default=128, help="tokens per example after truncation (default 128)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
@@ -110,9 +118,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneSettings, finetune, load_task
+    from .finetune import DEFAULT_STEPS, FinetuneSettings, finetune, load_task
 
-    settings = FinetuneSettings(args.epochs, args.lr, args.batch_size, args.max_len, list(args.seeds))
+    steps = None if args.epochs is not None else (args.steps if args.steps is not None else DEFAULT_STEPS)
+    settings = FinetuneSettings(steps=steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                max_len=args.max_len, seeds=list(args.seeds), evals=args.evals)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir} is not a local model folder (no config.json)")
@@ -120,9 +130,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     quiet_libraries()
     res = finetune(model_dir, task, settings, Path(args.out), progress=not args.no_progress)
     for r in res["seeds"]:
-        print(f"  seed {r['seed']}: dev {r['dev_accuracy']:.4f}  test {r['test_accuracy']:.4f}  (best epoch {r['best_epoch']})")
-    d, t = res["dev_accuracy"], res["test_accuracy"]
+        where = f"best at step {r['best_step']}/{r['steps']}, epoch {r['best_epoch']:.2f}" if r["evals"] else "no dev evaluation"
+        print(f"  seed {r['seed']}: dev {r['dev_accuracy']:.4f}  test {r['test_accuracy']:.4f}  ({where})")
+    d, t, m = res["dev_accuracy"], res["test_accuracy"], res["majority_baseline"]
     print(f"{task.name}: dev {d['mean']:.4f} ± {d['sd']:.4f}  test {t['mean']:.4f} ± {t['sd']:.4f} "
-          f"over {len(res['seeds'])} seeds -> {Path(args.out) / 'results.json'}")
+          f"over {len(res['seeds'])} seeds (majority label: test {m['test']:.4f}) -> {Path(args.out) / 'results.json'}")
+    if res["majority_warning"]:
+        print(f"warning: {res['majority_warning']}", file=sys.stderr)
     return 0
 
