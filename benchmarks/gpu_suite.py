@@ -4,7 +4,7 @@ Run (one H200, < 8 min; --quick for a ~1 min smoke run):
 
     python benchmarks/gpu_suite.py --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
 
-Every registered fused op (``nasfast.backend``) is covered; an op the triton backend does not
+Every registered fused op (``nasfast.kernels.registry``) is covered; an op the triton backend does not
 implement gets one row saying so (it runs the eager reference).
 
 1. correctness: each Triton op (forward, every gradient, no-grad forward) vs a float64 evaluation
@@ -16,7 +16,7 @@ implement gets one row saying so (it runs the eager reference).
 2. timings with ``triton.testing.do_bench`` (median, p20, p80; forward and forward+backward) of
    triton vs eager reference vs ``torch.compile(reference)`` at the tiny (H=128) and base (H=768,
    T=512, B=32) widths, plus peak memory;
-3. one whole supernet training step per backend, if ``nasfast.supernet`` imports.
+3. one whole supernet training step per backend, if ``nasfast.space.supernet`` imports.
 Writes ``results.csv`` and ``results.md`` (with the machine description and command line) to --out.
 The CPU-side parts (argument parsing, machine description, result writing) are tested in
 tests/test_gpu_suite_cpu.py.
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from nasfast.backend import get_op, get_ops, op_names
+from nasfast.kernels.registry import get_op, get_ops, op_names
 
 OPS = op_names()  # every registered fused op
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -270,10 +270,10 @@ def time_supernet_step(args, rows: list) -> None:
 
     try:
         from nasfast.config import load_config
-        from nasfast.space import SearchSpace
-        from nasfast.supernet import Supernet
+        from nasfast.space.searchspace import SearchSpace
+        from nasfast.space.supernet import Supernet
     except Exception as exc:  # being written elsewhere: skip cleanly
-        rows.append(Row("step", "supernet", note=f"skipped: nasfast.supernet not importable ({exc})"[:200]))
+        rows.append(Row("step", "supernet", note=f"skipped: nasfast.space.supernet not importable ({exc})"[:200]))
         return
     dtype = getattr(torch, DTYPES[args.dtype])
     widths = QUICK_WIDTHS if args.quick else WIDTHS

@@ -45,7 +45,7 @@ def main() -> None:
 
     datasets.disable_progress_bar()
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     trainers, times = {}, {}

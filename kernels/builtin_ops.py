@@ -1,11 +1,11 @@
-"""The five built-in fused ops, one registration each (see ``nasfast.backend.FusedOp``).
+"""The five built-in fused ops, one registration each (see ``nasfast.kernels.registry.FusedOp``).
 
 A registration says everything the tests and benchmarks need to know about an op: its eager
 reference (``nasfast.kernels.reference``), its tensor arguments and how to generate them for a
 ``nasfast.kernels.cases.CaseSpec`` (random values at the spec's sizes, padding masks from the shared
 generator), the fixed awkward-shape examples every backend is compared on, the layout and regression
 cases, the sizes the property tests draw, and its realistic benchmark case. Backends
-(``nasfast.kernels.triton_ops``, ``nasfast.native``) implement ops by defining functions of these names.
+(``nasfast.kernels.triton_ops``, ``nasfast.kernels.native``) implement ops by defining functions of these names.
 
 ``rnd(*shape, scale=, shift=)`` draws float64 values rounded to the case dtype (the case dtype itself
 for timing-only cases); ``gen`` is the case's generator (masks, keep patterns). The draw order of each
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nasfast.backend import FusedOp, OpInputs, register_op
+from nasfast.kernels.registry import FusedOp, OpInputs, register_op
 from nasfast.kernels import reference
 from nasfast.kernels.cases import attention_rounding_allowance
 

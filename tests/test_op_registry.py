@@ -1,4 +1,4 @@
-"""The fused-op registry (nasfast.backend): a toy op and toy backends registered from this file only.
+"""The fused-op registry (nasfast.kernels.registry): a toy op and toy backends registered from this file only.
 
 Proves the one-place claim: registering an op (reference + case inputs) and a backend that
 implements a subset of the ops is all it takes; the shared case generator, the error rule and the
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast import backend
-from nasfast.backend import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
-from nasfast.cli import main
+from nasfast.kernels import registry as backend
+from nasfast.kernels.registry import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
+from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
-from nasfast.metrics import read_metrics
-from nasfast.trainer import Trainer
+from nasfast.training.metrics import read_metrics
+from nasfast.training.trainer import Trainer
 
 BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
 
