@@ -21,7 +21,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         if fused_adam is not None:  # NVIDIA apex, when built on this machine; it also skips grad-less params
             return fused_adam(groups, adam_w_mode=True, **kwargs)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
+    if decay and all(p.device.type == "cpu" and p.dtype in _CPU_FUSED_DTYPES for g in groups for p in g["params"]):
+        # torch's CPU fused AdamW: one vectorised pass per tensor instead of ~7 (single-tensor AdamW
+        # was ~9% of an H=512 native step); it skips grad-less params exactly like the default.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _apex_fused_adam():

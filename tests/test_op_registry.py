@@ -23,7 +23,7 @@ from nasfast.kernels import reference as ref
 from nasfast.metrics import read_metrics
 from nasfast.trainer import Trainer
 
-BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
+BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss", "linear")
 
 
 # ------------------------------------------------------------------------------- the toy op
@@ -104,8 +104,8 @@ def test_backend_with_one_op_falls_back_per_op(toy):
     for name in BUILTIN:  # every other op is exactly its eager reference
         assert getattr(ops, name) is getattr(ref, name) is get_op(name).reference
     assert ops.report() == {"backend": "toy", "fused_ops": ["scaled_tanh"], "eager_ops": list(BUILTIN)}
-    assert ops.describe() == ("toy: fused 1/6 (scaled_tanh); eager reference: "
-                              "bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss")
+    assert ops.describe() == ("toy: fused 1/7 (scaled_tanh); eager reference: "
+                              "bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss, linear")
     # the other backends do not implement the toy op: it runs its reference there
     eager = get_ops("eager")
     assert eager.scaled_tanh is scaled_tanh_reference and eager.fused == () and len(eager.fallback) == 6
