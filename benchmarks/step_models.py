@@ -20,6 +20,7 @@ eager reference's matmuls, so the eager count is used for every backend).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -43,6 +44,13 @@ class StepConfig:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     seed: int = 0
+    device: str = "cpu"
+    amp: Optional[str] = None     # "bf16": forward under torch.autocast (GPU suite); None: fp32
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp])
 
     @property
     def n_heads(self) -> int:
@@ -118,7 +126,7 @@ def hf_model(sc: StepConfig):
     from transformers import BertForMaskedLM
 
     torch.manual_seed(sc.seed)
-    return BertForMaskedLM(_hf_config(sc)).train()
+    return BertForMaskedLM(_hf_config(sc)).to(sc.device).train()
 
 
 def _trainable(model) -> list:
@@ -134,13 +142,15 @@ def hf_step(sc: StepConfig, batch: dict, masked_head: bool = False, compile_mode
     params = _trainable(model)
 
     def loss_full(m):
-        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        with sc.autocast():
+            return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     def loss_masked(m):
-        hidden = m.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        selected = batch["labels"] != -100
-        logits = m.cls(hidden[selected])
-        return F.cross_entropy(logits, batch["labels"][selected])
+        with sc.autocast():
+            hidden = m.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            selected = batch["labels"] != -100
+            logits = m.cls(hidden[selected])
+        return F.cross_entropy(logits.float(), batch["labels"][selected])
 
     loss_of = loss_masked if masked_head else loss_full
     flops = count_flops(lambda: loss_of(model))
@@ -176,16 +186,21 @@ def nasfast_steps(sc: StepConfig, batch: dict, backends: list) -> list:
     space = build_space(cfg)
     arch = tuple(i % 2 for i in range(2 * sc.bert_layers))  # mha, ffn, mha, ffn, ...
     torch.manual_seed(sc.seed)
-    supernet = Supernet(cfg.model, space, sc.vocab, "eager").train()
+    supernet = Supernet(cfg.model, space, sc.vocab, "eager").to(sc.device).train()
     args = (batch["input_ids"], batch["attention_mask"])
-    flops = count_flops(lambda: supernet(*args, arch, batch["labels"]).loss)
+
+    def sup_loss():
+        with sc.autocast():
+            return supernet(*args, arch, batch["labels"]).loss
+
+    flops = count_flops(sup_loss)
     supernet.zero_grad(set_to_none=True)
     steps = []
     sup_opt, sup_sched = _optimizer(supernet, sc)
     for backend in backends:
         def child_run(backend=backend) -> float:
-            supernet.set_backend(backend)
-            loss = supernet(*args, arch, batch["labels"]).loss
+            supernet.set_backend(backend, sc.device)
+            loss = sup_loss()
             loss.backward()
             params = [p for p in supernet.child_parameters(arch) if p.grad is not None]
             clip_and_step(params, sup_opt, sup_sched, sc.clip_norm)
@@ -195,12 +210,13 @@ def nasfast_steps(sc: StepConfig, batch: dict, backends: list) -> list:
                           extra={"arch": space.arch_id(arch), "backend": backend}))
     for backend in backends:
         static = supernet.extract(arch)
-        static.set_backend(backend)
+        static.set_backend(backend, sc.device)
         opt, sched = _optimizer(static, sc)
         params = list(static.parameters())
 
         def static_run(static=static, opt=opt, sched=sched, params=params) -> float:
-            loss = static(*args, batch["labels"]).loss
+            with sc.autocast():
+                loss = static(*args, batch["labels"]).loss
             loss.backward()
             clip_and_step(params, opt, sched, sc.clip_norm)
             return float(loss.detach())

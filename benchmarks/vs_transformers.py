@@ -115,7 +115,7 @@ def measure(steps: list, rounds: int, per_round: int, warmup: int, probe) -> tup
     return per_round_medians, rates
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", default="128,512")
     parser.add_argument("--layers", type=int, default=3, help="BERT layers (each = 2 nasfast sub-layers)")
@@ -130,20 +130,21 @@ def main() -> None:
     parser.add_argument("--compile-timeout", type=int, default=900, help="seconds allowed for torch.compile's first step")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32"], help="fp32 only on CPU (gpu_suite.py runs bf16)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (GPU; gpu_suite.py)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="vs_transformers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     start_uptime = _uptime()
     backends = available_backends(args.device)
     sections = []
     for H in [int(h) for h in args.hidden.split(",") if h.strip()]:
-        sc = StepConfig(hidden=H, bert_layers=args.layers, batch=args.batch, seq=args.seq, vocab=args.vocab)
+        sc = StepConfig(hidden=H, bert_layers=args.layers, batch=args.batch, seq=args.seq, vocab=args.vocab,
+                        device=args.device, amp=None if args.dtype == "fp32" else args.dtype)
         batch = make_batch(sc, args.device)
         steps, skipped = build_all(sc, batch, backends, args.compile_timeout, args.no_compile)
-        probe = gemm_probe(args.gemm_n, device=args.device)
+        probe = gemm_probe(args.gemm_n, dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16, device=args.device)
         medians, rates = measure(steps, args.rounds, args.steps, args.warmup, probe)
         gemm = statistics.median(rates)
         base = {s.name: statistics.median(medians[s.name]) for s in steps}
@@ -165,12 +166,13 @@ def main() -> None:
 
     result = {"command": command_line(), "machine": describe() | {"lscpu_model": _lscpu_model()},
               "uptime_start": start_uptime, "uptime_end": _uptime(), "backends": backends,
-              "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps, "sections": sections}
+              "threads": args.threads, "dtype": args.dtype, "device": args.device, "rounds": args.rounds, "steps_per_round": args.steps, "sections": sections}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{args.name}.md").write_text(render(result))
     print(render(result))
+    return result
 
 
 def render(result: dict) -> str:
@@ -195,8 +197,8 @@ def render(result: dict) -> str:
         c = sec["config"]
         lines += [
             f"## H={sec['hidden']}: {c['bert_layers']} BERT layers (mha:{c['heads']} + ffn:{c['inner']}), "
-            f"B={c['batch']}, T={c['seq']}, vocab {c['vocab']}, fp32", "",
-            f"GEMM probe: {sec['gemm_probe_gflops']:.1f} GFLOP/s (range {sec['gemm_probe_range_gflops'][0]:.1f}–"
+            f"B={c['batch']}, T={c['seq']}, vocab {c['vocab']}, {result.get('dtype', 'fp32')}", "",
+            f"GEMM probe ({'fp32' if result.get('dtype', 'fp32') == 'fp32' else result['dtype']}, {result.get('device', 'cpu')}): {sec['gemm_probe_gflops']:.1f} GFLOP/s (range {sec['gemm_probe_range_gflops'][0]:.1f}–"
             f"{sec['gemm_probe_range_gflops'][1]:.1f})", "",
             "| contender | step (s) | rounds min–max (s) | GFLOP / step | GEMM fraction | tokens/s | vs HF eager | vs HF masked head (equal work) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
