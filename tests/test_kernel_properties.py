@@ -266,6 +266,11 @@ def _opcheck_calls(ns: str, layout: str):
             add("add_dropout_layernorm_bwd", (ldy, lx, lr, lw, mean, rstd, p, km, s))
         o, lse = ops.attention_fwd(q, k, v, am)
         add("attention_bwd", (ado, q, k, v, o, lse, am))
+        (qkv, qm), qdo = _inputs(cases.CaseSpec("qkv_attention", B=3, heads=2, T=7, dh=16, mask="mixed",
+                                                layouts=lay(2), grad_layout=layout))
+        add("attention_qkv_fwd", (qkv, 2, qm), True)
+        add("attention_qkv_fwd", (qkv, 2, None), True)
+        add("attention_qkv_bwd", (qdo, qkv, 2, qm))
     return calls
 
 

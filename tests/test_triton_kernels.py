@@ -214,7 +214,8 @@ def test_backend_loads_with_reference_signatures():
     assert ops.name == "triton" and triton_ops.available() and triton_ops.why_unavailable() == ""
     for name in OP_NAMES:
         assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(ref, name)), name
-        assert hasattr(torch.ops.nasfast_triton, f"{name}_fwd") or name == "alignment_loss"
+        # ops without a Triton kernel (linear, qkv_attention) run their eager reference on this backend
+        assert hasattr(torch.ops.nasfast_triton, f"{name}_fwd") or name == "alignment_loss" or name not in ops.fused
     assert hasattr(torch.ops.nasfast_triton, "alignment_loss_fwd")
 
 

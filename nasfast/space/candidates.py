@@ -152,9 +152,13 @@ class AttentionCandidate(Sublayer):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
         B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        ctx = ops.attention(q, k, v, token_mask).transpose(1, 2).reshape(B, T, H)
-        return self.tail(ops, self.proj(ctx), x)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        if "qkv_attention" in ops.fused:  # packed kernel: no q/k/v, output or gradient transposes
+            ctx = ops.qkv_attention(qkv, self.heads, token_mask)
+        else:  # eager, or a backend with only the per-tensor attention (e.g. triton)
+            q, k, v = qkv.view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            ctx = ops.attention(q, k, v, token_mask).transpose(1, 2).reshape(B, T, H)
+        return self.tail(ops, ops.linear(ctx, self.proj.weight, self.proj.bias), x)
 
 
 @register_candidate
@@ -190,7 +194,7 @@ class FeedForwardCandidate(Sublayer):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
         inner = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
-        return self.tail(ops, self.fc2(inner), x)
+        return self.tail(ops, ops.linear(inner, self.fc2.weight, self.fc2.bias), x)
 
 
 @register_candidate
@@ -223,8 +227,8 @@ class GatedFeedForwardCandidate(Sublayer):
         self.down = nn.Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.gate.weight), self.gate.bias) * self.up(x)
-        return self.tail(ops, self.down(inner), x)
+        inner = ops.bias_gelu(F.linear(x, self.gate.weight), self.gate.bias) * ops.linear(x, self.up.weight, self.up.bias)
+        return self.tail(ops, ops.linear(inner, self.down.weight, self.down.bias), x)
 
 
 @register_candidate
@@ -271,7 +275,7 @@ class ConvCandidate(Sublayer):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
         y = ops.dwconv_bias_gelu(x, self.depthwise_weight, self.depthwise_bias, token_mask)
-        return self.tail(ops, self.pointwise(y), x)
+        return self.tail(ops, ops.linear(y, self.pointwise.weight, self.pointwise.bias), x)
 
 
 @register_candidate

@@ -21,7 +21,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         if fused_adam is not None:  # NVIDIA apex, when built on this machine; it also skips grad-less params
             return fused_adam(groups, adam_w_mode=True, **kwargs)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
+    if decay and all(p.device.type == "cpu" and p.dtype in _CPU_FUSED_DTYPES for g in groups for p in g["params"]):
+        # torch's CPU fused AdamW: one vectorised pass per tensor instead of ~7 (single-tensor AdamW
+        # was ~9% of an H=512 native step); it skips grad-less params exactly like the default.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _apex_fused_adam():
@@ -74,7 +81,11 @@ def clip_and_step(params: list, optimizer, scheduler, clip_norm: float, skip_non
     (the gradients are dropped): one bad batch must not write NaN into every weight it touched.
     """
     if clip_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)); skipping the
+        # multiply by exactly 1.0 when nothing is clipped saves a full pass over the gradients.
+        if not float(norm) + 1e-6 <= clip_norm:  # also on NaN/inf, as clip_grad_norm_ would
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm)
     else:
         norm = grad_norm(params)
     value = float(norm)
