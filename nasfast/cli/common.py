@@ -1,7 +1,7 @@
 """What every command module shares: the command registry and quiet library logging.
 
-``cli.py`` assembles the parser from the command modules (``cli.py`` itself for training, ``cli_analysis``,
-``cli_nas``); the modules import only this one, so there is no import cycle between them.
+``app`` assembles the parser from the command modules (``app`` itself for training, ``analysis``,
+``nas``); the modules import only this one, so there is no import cycle between them.
 """
 from __future__ import annotations
 

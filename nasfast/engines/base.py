@@ -1,6 +1,6 @@
 """The engine seam: what the training loop asks of a training backend.
 
-The loop (trainer.py) picks the child, the batches and the seeds, and decides when to log, evaluate,
+The loop (``nasfast.training.trainer``) picks the child, the batches and the seeds, and decides when to log, evaluate,
 checkpoint and stop. An engine owns the model's numerics: the forward pass and loss, backward,
 gradient averaging across ranks, the optimizer step, and which objects hold its state.
 ``PlainEngine`` is PyTorch (one process, or data-parallel ranks with one coalesced all-reduce); a

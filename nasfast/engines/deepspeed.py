@@ -195,7 +195,7 @@ def arch_hash(arch: Arch) -> int:
 
 # --- the engine ------------------------------------------------------------------------------------
 class DeepSpeedEngine:
-    """The engine seam (see engine.py) implemented with ``deepspeed.initialize``."""
+    """The engine seam (``nasfast.engines.base``) implemented with ``deepspeed.initialize``."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, world, device: torch.device, ds_config: dict,
                  run_dir: Optional[Path] = None):
