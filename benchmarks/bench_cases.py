@@ -1,7 +1,7 @@
 """Shared benchmark cases: one realistic call per registered fused op at the tiny and base widths.
 
-Baselines are the eager references (nasfast.kernels.reference, via nasfast.backend); the fused side
-is nasfast.native. ``make_case(op, width)`` returns fresh inputs (from the shared generator
+Baselines are the eager references (nasfast.kernels.reference, via nasfast.kernels.registry); the fused side
+is nasfast.kernels.native. ``make_case(op, width)`` returns fresh inputs (from the shared generator
 ``nasfast.kernels.cases.bench_inputs``, at the op's registered benchmark case) and a
 ``run(ops, backward)`` closure. ``OPS``: every registered op, so a new op is benchmarked too.
 Shapes follow configs tiny (H=128, B=32, T=128, ffn 4H, 4 heads, 6 layers) and base (H=768,
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from nasfast.backend import op_names
+from nasfast.kernels.registry import op_names
 from nasfast.kernels.cases import bench_inputs
 
 OPS = op_names()  # every registered op (re-exported for the bench scripts)

@@ -35,10 +35,11 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bar()
-    from nasfast.config import build_space, load_config
-    from nasfast.data import build_corpus
-    from nasfast.supernet import StaticModel, Supernet
-    from nasfast.optim import build_optimizer, clip_and_step
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
+    from nasfast.data.blocks import build_corpus
+    from nasfast.space.supernet import StaticModel, Supernet
+    from nasfast.training.optim import build_optimizer, clip_and_step
 
     cfg = load_config(args.config, args.set)
     space = build_space(cfg)

@@ -97,8 +97,8 @@ def collate_cost(repeats: int = 20) -> dict:
     import torch
     from transformers import DataCollatorForLanguageModeling
 
-    from nasfast.data import mask_tokens
-    from nasfast.prepare import load_tokenizer
+    from nasfast.data.blocks import mask_tokens
+    from nasfast.data.prepare import load_tokenizer
     from nasfast.rng import torch_generator
 
     tok = load_tokenizer(Path("/tmp/nasfast-data-scale/tokenizer"))
@@ -139,8 +139,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = args.work / "tokenizer"
     if not tokenizer.is_dir():  # one WordPiece vocabulary for every size (tiny.yaml's settings, the embedded corpus)
-        subprocess.run([sys.executable, "-c", "from nasfast.config import load_config; from nasfast.prepare import train_tokenizer, "
-                        "tokenizer_sample; from nasfast.datasources import resolve_sources; c = load_config('configs/tiny.yaml').data; "
+        subprocess.run([sys.executable, "-c", "from nasfast.config import load_config; from nasfast.data.prepare import train_tokenizer, "
+                        "tokenizer_sample; from nasfast.data.sources import resolve_sources; c = load_config('configs/tiny.yaml').data; "
                         f"train_tokenizer(tokenizer_sample(resolve_sources(c.corpus), c), c.vocab_size, c.lowercase).save_pretrained('{tokenizer}')"],
                        check=True, env=env, cwd=ROOT)
     rows = []

@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     torch.set_num_threads(1)
     counter = GatherCounter()
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     results: dict = {}
     jobs = [(e, "spos") for e in ENGINES] + [("zero3", "magic-t")]
@@ -131,8 +131,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
 def base_space_estimate(per_param: dict[str, float]) -> dict:
     """Per-rank bytes of the base space, from its exact supernet size and the measured bytes/param."""
-    from nasfast.config import build_space, load_config
-    from nasfast.supernet import Supernet
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
+    from nasfast.space.supernet import Supernet
 
     cfg = load_config(ROOT / "configs" / "base.yaml")
     with torch.device("meta"):
@@ -148,10 +149,11 @@ def _base_worker(rank: int, world: int, port: int, engine: str, out: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from nasfast.config import build_space, load_config
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
     from nasfast.distributed import init_from_env
-    from nasfast.engine_deepspeed import DeepSpeedEngine, load_ds_config
-    from nasfast.supernet import Supernet
+    from nasfast.engines.deepspeed import DeepSpeedEngine, load_ds_config
+    from nasfast.space.supernet import Supernet
 
     cfg = load_config(ROOT / "configs" / "base.yaml", ["train.device=cpu"])
     group = init_from_env("cpu")
@@ -171,8 +173,9 @@ def measure_base(work: Path) -> dict:
     from the exact tensor sizes (fp32 weights under bf16 autocast, the largest child's gradients, Adam)."""
     import torch.multiprocessing as mp
 
-    from nasfast.config import build_space, load_config
-    from nasfast.supernet import Supernet
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
+    from nasfast.space.supernet import Supernet
 
     rows = {}
     for engine in ("zero1", "zero2", "zero3"):

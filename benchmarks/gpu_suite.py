@@ -4,7 +4,7 @@ Run (one H200, < 8 min; --quick for a ~1 min smoke run):
 
     python benchmarks/gpu_suite.py --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
 
-Every registered fused op (``nasfast.backend``) is covered; an op the triton backend does not
+Every registered fused op (``nasfast.kernels.registry``) is covered; an op the triton backend does not
 implement gets one row saying so (it runs the eager reference).
 
 1. correctness: each Triton op (forward, every gradient, no-grad forward) vs a float64 evaluation
@@ -16,7 +16,10 @@ implement gets one row saying so (it runs the eager reference).
 2. timings with ``triton.testing.do_bench`` (median, p20, p80; forward and forward+backward) of
    triton vs eager reference vs ``torch.compile(reference)`` at the tiny (H=128) and base (H=768,
    T=512, B=32) widths, plus peak memory;
-3. one whole supernet training step per backend, if ``nasfast.supernet`` imports.
+3. one whole supernet training step per backend, if ``nasfast.space.supernet`` imports;
+4. the CPU table of ``benchmarks/vs_transformers.py`` (BertForMaskedLM eager / torch.compile vs the
+   nasfast child and static model per backend, GEMM fraction) in bf16 at H=128 and 512, and the MFU
+   of a base-space child step (H=768, 12 BERT layers), written to vs_transformers_gpu.{md,json}.
 Writes ``results.csv`` and ``results.md`` (with the machine description and command line) to --out.
 The CPU-side parts (argument parsing, machine description, result writing) are tested in
 tests/test_gpu_suite_cpu.py.
@@ -35,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from nasfast.backend import get_op, get_ops, op_names
+from nasfast.kernels.registry import get_op, get_ops, op_names
 
 OPS = op_names()  # every registered fused op
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -81,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", default="tiny,base", help="comma-separated subset of tiny,base")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) baseline")
     p.add_argument("--no-step", action="store_true", help="skip the whole-supernet training step")
+    p.add_argument("--no-vs-transformers", action="store_true",
+                   help="skip benchmarks/vs_transformers.py's table (bf16) and the base-space MFU step")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -270,10 +275,10 @@ def time_supernet_step(args, rows: list) -> None:
 
     try:
         from nasfast.config import load_config
-        from nasfast.space import SearchSpace
-        from nasfast.supernet import Supernet
+        from nasfast.space.searchspace import SearchSpace
+        from nasfast.space.supernet import Supernet
     except Exception as exc:  # being written elsewhere: skip cleanly
-        rows.append(Row("step", "supernet", note=f"skipped: nasfast.supernet not importable ({exc})"[:200]))
+        rows.append(Row("step", "supernet", note=f"skipped: nasfast.space.supernet not importable ({exc})"[:200]))
         return
     dtype = getattr(torch, DTYPES[args.dtype])
     widths = QUICK_WIDTHS if args.quick else WIDTHS
@@ -329,6 +334,55 @@ def time_supernet_step(args, rows: list) -> None:
             print(f"[step] {width} {backend}: {_fmt(rows[-1].median_ms)} ms {rows[-1].note}", flush=True)
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, vendor data sheets
+
+
+def time_vs_transformers(args, rows: list) -> None:
+    """Section 4: vs_transformers.py on this GPU in bf16, and the MFU of a base-space child step."""
+    import statistics
+
+    import torch
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import vs_transformers
+        from step_models import StepConfig, make_batch, nasfast_steps
+
+        res = vs_transformers.main(["--device", "cuda", "--dtype", "bf16", "--hidden", "128,512",
+                                    "--rounds", "2" if args.quick else "3", "--steps", "3", "--warmup", "2",
+                                    "--gemm-n", "8192", "--compile-timeout", "150", "--out", str(args.out),
+                                    "--name", "vs_transformers_gpu"])
+        for sec in res["sections"]:
+            for r in sec["rows"]:
+                rows.append(Row("step", r["name"], f"H{sec['hidden']}", "B=32 T=128 3 BERT layers", "bf16",
+                                r.get("backend", "hf"), "train step", r["step_s"] * 1e3,
+                                note=f"GEMM fraction {r['gemm_fraction']:.2f}; {r['tokens_per_s']:.0f} tok/s; "
+                                     f"{r['speedup_vs_hf']:.2f}x HF eager"))
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        sc = StepConfig(hidden=768, bert_layers=12, heads=12, device="cuda", amp="bf16")
+        batch = make_batch(sc, "cuda")
+        for step in nasfast_steps(sc, batch, ["triton"])[:1]:
+            for _ in range(3):
+                step.run()
+            times = []
+            for _ in range(3 if args.quick else 8):
+                t0 = time.perf_counter()
+                step.run()  # returns float(loss): synchronises
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            mfu = step.flops / t / (peak * 1e12) if peak else None
+            rows.append(Row("step", "base-space child MFU", "base", "H=768 12 BERT layers B=32 T=128", "bf16",
+                            "triton", "train step", t * 1e3,
+                            note=f"{step.flops / t / 1e12:.1f} TFLOP/s; MFU {mfu:.3f} of {peak} TFLOP/s" if mfu
+                            else f"{step.flops / t / 1e12:.1f} TFLOP/s (peak of {name} unknown)"))
+    except Exception as exc:
+        rows.append(Row("step", "vs_transformers", note=f"{type(exc).__name__}: {exc}"[:200]))
+        traceback.print_exc()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -344,6 +398,8 @@ def main(argv=None) -> int:
     time_kernels(args, rows)
     if not args.no_step:
         time_supernet_step(args, rows)
+    if not args.no_vs_transformers:
+        time_vs_transformers(args, rows)
     machine = machine_description()
     machine["wall_s"] = round(time.time() - start, 1)
     csv_path, md_path = write_results(rows, args.out, machine, command_line(argv if argv is not None else sys.argv))

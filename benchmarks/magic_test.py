@@ -55,8 +55,9 @@ def overrides() -> list[str]:
 
 # --- prepare -----------------------------------------------------------------------------------
 def prepare(args) -> None:
-    from nasfast.config import build_space, load_config, save_config
-    from nasfast.data import build_corpus
+    from nasfast.config import load_config, save_config
+    from nasfast.space.checks import build_space
+    from nasfast.data.blocks import build_corpus
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = RESULTS / "data"
@@ -104,7 +105,7 @@ class Nasfast:
     def __call__(self, *argv: str) -> None:
         import shlex
 
-        from nasfast.cli import main
+        from nasfast.cli.app import main
 
         line = "nasfast " + shlex.join(argv)
         print(f"\n$ {line}", flush=True)

@@ -111,7 +111,7 @@ def resolvable_pairs_tau(est: dict[str, float], truth: dict[int, dict[str, float
 
 def proxies(space, archs: list[str], truth: dict[str, float]) -> dict:
     """Zero-cost floors: τ of ground truth with simple architecture rules (lower loss predicted = larger rule)."""
-    from nasfast.supernet import child_num_params
+    from nasfast.space.supernet import child_num_params
 
     def ops(a):
         return a.split("|")
@@ -127,7 +127,7 @@ def proxies(space, archs: list[str], truth: dict[str, float]) -> dict:
 
 
 def update_counts(space, sampler: str, seed: int, steps: int, walk: str) -> dict:
-    from nasfast.samplers import build_sampler
+    from nasfast.space.samplers import build_sampler
 
     s = build_sampler(sampler, space, seed, walk=walk) if sampler in ("magic-t", "magic") else build_sampler(sampler, space, seed)
     counts = np.zeros((space.num_layers, len(space.candidates)), dtype=int)
@@ -211,7 +211,8 @@ def analyze(results: Path, reps: int = 4000) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from machine import describe
 
-    from nasfast.config import build_space, load_config
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
 
     cfg = load_config(results / "config.yaml")
     space = build_space(cfg)

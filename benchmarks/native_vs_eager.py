@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cases import OPS, WIDTHS, machine, make_case  # noqa: E402
 
-from nasfast.backend import get_ops  # noqa: E402
+from nasfast.kernels.registry import get_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.5
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     args = ap.parse_args()
 
-    import nasfast.native as native
+    import nasfast.kernels.native as native
 
     if not native.available():
         sys.exit(f"native ops unavailable: {native.why_unavailable()}")

@@ -11,7 +11,7 @@
 5. interference: gradient similarity vs distance on the first spos supernet (observations 1 and 2).
 Writes OUT/{results.json, table.md, *.png} with the exact commands and the machine description.
 Every stage is a ``nasfast`` command run in-process; finished stages are skipped on a rerun.
-Sampler names must be registered in nasfast.samplers.SAMPLERS; by default the paper's four, and
+Sampler names must be registered in nasfast.space.samplers.SAMPLERS; by default the paper's four, and
 those not (yet) registered are skipped with a note.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Recorder:
         self.commands: list[dict] = []
 
     def __call__(self, *argv: str) -> None:
-        from nasfast.cli import main
+        from nasfast.cli.app import main
 
         line = "nasfast " + shlex.join(argv)
         print(f"\n$ {line}", flush=True)
@@ -91,13 +91,13 @@ class Recorder:
 
 
 def choose_samplers(requested: str | None) -> tuple[list[str], list[str]]:
-    from nasfast.samplers import SAMPLERS
+    from nasfast.space.samplers import SAMPLERS
 
     if requested:
         names = [s.strip() for s in requested.split(",") if s.strip()]
         unknown = [s for s in names if s not in SAMPLERS]
         if unknown:
-            raise SystemExit(f"samplers not registered in nasfast.samplers.SAMPLERS: {', '.join(unknown)} (have {', '.join(SAMPLERS)})")
+            raise SystemExit(f"samplers not registered in nasfast.space.samplers.SAMPLERS: {', '.join(unknown)} (have {', '.join(SAMPLERS)})")
         return names, []
     return [s for s in PAPER_SAMPLERS if s in SAMPLERS], [s for s in PAPER_SAMPLERS if s not in SAMPLERS]
 
@@ -166,7 +166,7 @@ def write_table(path: Path, results: dict) -> None:
         lines.append(f"| {s} | {fmt(k['mean'], '+.3f')} ± {fmt(k['std'], '.3f')} | {fmt(sp['mean'], '+.3f')} ± {fmt(sp['std'], '.3f')} "
                      f"| {seeds} | {PAPER_KENDALL.get(s, '—')} |")
     if results["skipped_samplers"]:
-        lines += ["", f"Not run (not registered in nasfast.samplers): {', '.join(results['skipped_samplers'])}."]
+        lines += ["", f"Not run (not registered in nasfast.space.samplers): {', '.join(results['skipped_samplers'])}."]
     lines += ["", "## Interference (first spos supernet)", ""]
     for item in results["interference"]:
         c = item["correlations"]
@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from bench_cases import machine
-    from nasfast.config import build_space, load_config, save_config
+    from nasfast.config import load_config, save_config
+    from nasfast.space.checks import build_space
 
     started = time.perf_counter()
     samplers, skipped = choose_samplers(args.samplers)

@@ -125,9 +125,9 @@ def pretrain_standalone(run, model, forward, steps: int, lr: float | None = None
 
     import torch
 
-    from nasfast.evaluation import evaluate_mlm
-    from nasfast.data import micro_batches
-    from nasfast.optim import build_optimizer, clip_and_step, lr_lambda
+    from nasfast.space.evaluation import evaluate_mlm
+    from nasfast.data.blocks import micro_batches
+    from nasfast.training.optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, device, corpus = copy.deepcopy(run.cfg), run.device, run.corpus
     if lr is not None:
@@ -179,9 +179,9 @@ def build_model(name: str, run, arch, args, bert_layers: int, folder: Path, log:
     """Pretrain model ``name`` standalone and save it as a transformers folder (skipped when present)."""
     import torch
 
-    from nasfast.export import prepare_tokenizer
-    from nasfast.hf_model import save_folder, to_masked_lm
-    from nasfast.supernet import StaticModel
+    from nasfast.nas.export import prepare_tokenizer
+    from nasfast.nas.hf_model import save_folder, to_masked_lm
+    from nasfast.space.supernet import StaticModel
 
     steps = run.cfg.train.steps
     intermediate = args.bert_intermediate or 4 * run.cfg.model.hidden
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
 def _quick_task(ft: list, task: str, work: Path) -> list:
     import gzip
 
-    from nasfast.finetune import TASKS
+    from nasfast.nas.finetune import TASKS
 
     if task not in TASKS:
         return ft

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 
 from bench_cases import OPS, WIDTHS, make_case
-from nasfast.backend import get_ops
+from nasfast.kernels.registry import get_ops
 
 
 @pytest.fixture(scope="module")
 def opsets():
-    import nasfast.native as native
+    import nasfast.kernels.native as native
 
     if not native.available():
         pytest.skip(f"native ops unavailable: {native.why_unavailable()}")

@@ -38,6 +38,21 @@ Heads<T> heads(const at::Tensor& t) {
   return Heads<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : t.size(3)};
 }
 
+template <typename T>
+struct OutHeads {  // a writable [B, h, T, dh] view: rows of dh at leading dim ld
+  T* p;
+  int64_t s0, s1, ld;
+  T* at(int64_t b, int64_t h) const { return p + b * s0 + h * s1; }
+  void zero_rows(int64_t b, int64_t h, int64_t r0, int64_t n, int64_t dh) const {
+    for (int64_t r = r0; r < r0 + n; ++r) std::fill(at(b, h) + r * ld, at(b, h) + r * ld + dh, T(0));
+  }
+};
+
+template <typename T>
+OutHeads<T> contiguous_heads(T* p, int64_t nh, int64_t L, int64_t dh) {  // [B, h, T, dh] contiguous
+  return OutHeads<T>{p, nh * L * dh, L * dh, dh};
+}
+
 // Additive key bias (0 real / -inf pad) [B, T] and, per batch row, whether any key is real.
 template <typename T>
 void key_bias(const at::Tensor& mask, int64_t B, int64_t L, std::vector<T>& kb, std::vector<char>& any) {
@@ -88,7 +103,7 @@ void softmax_rows(T* S, int64_t nq, int64_t L, const T* kbb, T* lse) {
 
 template <typename T>
 void fwd_kernel(const Heads<T>& q, const Heads<T>& k, const Heads<T>& v, const at::Tensor& mask,
-                T* out, T* lse, int64_t B, int64_t nh, int64_t L, int64_t dh) {
+                const OutHeads<T>& out, T* lse, int64_t B, int64_t nh, int64_t L, int64_t dh) {
   std::vector<T> kb;
   std::vector<char> any;
   key_bias<T>(mask, B, L, kb, any);
@@ -99,24 +114,25 @@ void fwd_kernel(const Heads<T>& q, const Heads<T>& k, const Heads<T>& v, const a
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t bh = item / nqb, b = bh / nh, h = bh % nh;
       const int64_t r0 = (item % nqb) * kBlockQ, nq = std::min(kBlockQ, L - r0);
-      T* o = out + (bh * L + r0) * dh;
+      T* o = out.at(b, h) + r0 * out.ld;
       T* ls = lse + bh * L + r0;
       if (!any[b]) {  // every key is padding: zeros (lse = +inf: the probabilities are all 0)
-        std::fill(o, o + nq * dh, T(0));
+        out.zero_rows(b, h, r0, nq, dh);
         std::fill(ls, ls + nq, std::numeric_limits<T>::infinity());
         continue;
       }
       gemm_rm<T>(false, true, nq, L, dh, scale, q.at(b, h) + r0 * q.ld, q.ld, k.at(b, h), k.ld, T(0),
                  S.data(), L);
       softmax_rows<T>(S.data(), nq, L, kb.data() + b * L, ls);
-      gemm_rm<T>(false, false, nq, dh, L, T(1), S.data(), L, v.at(b, h), v.ld, T(0), o, dh);
+      gemm_rm<T>(false, false, nq, dh, L, T(1), S.data(), L, v.at(b, h), v.ld, T(0), o, out.ld);
     }
   });
 }
 
 template <typename T>
 void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const Heads<T>& v,
-                const at::Tensor& mask, T* dq, T* dk, T* dv, int64_t B, int64_t nh, int64_t L, int64_t dh) {
+                const at::Tensor& mask, const OutHeads<T>& dq, const OutHeads<T>& dk, const OutHeads<T>& dv,
+                int64_t B, int64_t nh, int64_t L, int64_t dh) {
   using Vec = Vectorized<T>;
   std::vector<T> kb;
   std::vector<char> any;
@@ -126,13 +142,13 @@ void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const H
     std::vector<T> P(kBlockQ * L), dP(kBlockQ * L), Di(kBlockQ);
     for (int64_t bh = i0; bh < i1; ++bh) {
       const int64_t b = bh / nh, h = bh % nh;
-      T* dqh = dq + bh * L * dh;
-      T* dkh = dk + bh * L * dh;
-      T* dvh = dv + bh * L * dh;
+      T* dqh = dq.at(b, h);
+      T* dkh = dk.at(b, h);
+      T* dvh = dv.at(b, h);
       if (!any[b]) {
-        std::fill(dqh, dqh + L * dh, T(0));
-        std::fill(dkh, dkh + L * dh, T(0));
-        std::fill(dvh, dvh + L * dh, T(0));
+        dq.zero_rows(b, h, 0, L, dh);
+        dk.zero_rows(b, h, 0, L, dh);
+        dv.zero_rows(b, h, 0, L, dh);
         continue;
       }
       for (int64_t r0 = 0; r0 < L; r0 += kBlockQ) {
@@ -143,7 +159,7 @@ void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const H
         // P exactly as the forward computed it (same GEMM shape, same softmax code)
         gemm_rm<T>(false, true, nq, L, dh, scale, qb, q.ld, k.at(b, h), k.ld, T(0), P.data(), L);
         softmax_rows<T>(P.data(), nq, L, kb.data() + b * L, nullptr);
-        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, gb, g.ld, beta, dvh, dh);  // dV += P^T dO
+        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, gb, g.ld, beta, dvh, dv.ld);  // dV += P^T dO
         gemm_rm<T>(false, true, nq, L, dh, T(1), gb, g.ld, v.at(b, h), v.ld, T(0), dP.data(), L);
         for (int64_t i = 0; i < nq; ++i) {  // D_i = sum_j P_ij dP_ij (= dO_i . O_i, from the same dP)
           const T* p = P.data() + i * L;
@@ -164,8 +180,8 @@ void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const H
             (Vec::loadu(p + d, n) * (Vec::loadu(dp + d, n) - di) * Vec(scale)).store(p + d, n);
           }
         }
-        gemm_rm<T>(false, false, nq, dh, L, T(1), P.data(), L, k.at(b, h), k.ld, T(0), dqh + r0 * dh, dh);
-        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, qb, q.ld, beta, dkh, dh);  // dK += dS^T Q
+        gemm_rm<T>(false, false, nq, dh, L, T(1), P.data(), L, k.at(b, h), k.ld, T(0), dqh + r0 * dq.ld, dq.ld);
+        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, qb, q.ld, beta, dkh, dk.ld);  // dK += dS^T Q
       }
     }
   });
@@ -195,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
   if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd", [&] {
     fwd_kernel<scalar_t>(heads<scalar_t>(q), heads<scalar_t>(k), heads<scalar_t>(v), m,
-                         out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, nh, L, dh);
+                         contiguous_heads<scalar_t>(out.data_ptr<scalar_t>(), nh, L, dh),
+                         lse.data_ptr<scalar_t>(), B, nh, L, dh);
   });
   return {out, lse};
 }
@@ -214,10 +231,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
   if (dq.numel() == 0) return {dq, dk, dv};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
     bwd_kernel<scalar_t>(heads<scalar_t>(g), heads<scalar_t>(q), heads<scalar_t>(k), heads<scalar_t>(v), m,
-                         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                         B, nh, L, dh);
+                         contiguous_heads<scalar_t>(dq.data_ptr<scalar_t>(), nh, L, dh),
+                         contiguous_heads<scalar_t>(dk.data_ptr<scalar_t>(), nh, L, dh),
+                         contiguous_heads<scalar_t>(dv.data_ptr<scalar_t>(), nh, L, dh), B, nh, L, dh);
   });
   return {dq, dk, dv};
+}
+
+// ---- packed QKV: qkv [B, T, 3H] (q | k | v, heads of dh = H / h inside each), output [B, T, H] and
+// d(qkv) [B, T, 3H] written in place by the same kernels through strided views, so the model needs
+// no permute/unbind of q, k, v, no transposed copy of the output and no stack of their gradients.
+at::Tensor packed_rows(const at::Tensor& t) {  // unit stride on the feature dim, rows addressable by BLAS
+  const bool ok = t.stride(2) == 1 && (t.size(1) <= 1 || t.stride(1) >= t.size(2));
+  return ok && t.size(1) > 1 ? t : t.contiguous();
+}
+
+template <typename T>
+Heads<T> packed_in(const at::Tensor& t, int64_t offset, int64_t dh) {  // columns [offset, offset + H) of t
+  return Heads<T>{t.const_data_ptr<T>() + offset, t.stride(0), dh, t.size(1) > 1 ? t.stride(1) : t.size(2)};
+}
+
+template <typename T>
+OutHeads<T> packed_out(at::Tensor& t, int64_t offset, int64_t dh) {  // t contiguous [B, T, C]
+  return OutHeads<T>{t.data_ptr<T>() + offset, t.size(1) * t.size(2), dh, t.size(2)};
+}
+
+void check_packed(const at::Tensor& qkv, int64_t nh, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "attention_qkv: qkv must be [B, T, 3H]");
+  TORCH_CHECK(nh > 0 && (qkv.size(2) / 3) % nh == 0, "attention_qkv: heads must divide H");
+  if (mask.has_value() && mask->defined())
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == qkv.size(0) && mask->size(1) == qkv.size(1),
+                "attention_qkv: token_mask must be [B, T]");
+}
+
+std::tuple<at::Tensor, at::Tensor> qkv_fwd(const at::Tensor& qkv_, int64_t nh,
+                                           const std::optional<at::Tensor>& mask_) {
+  check_packed(qkv_, nh, mask_);
+  const at::Tensor qkv = packed_rows(qkv_), m = mask_of(mask_);
+  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(2) / 3, dh = H / nh;
+  at::Tensor out = at::empty({B, L, H}, qkv.options()), lse = at::empty({B, nh, L}, qkv.options());
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_fwd", [&] {
+    fwd_kernel<scalar_t>(packed_in<scalar_t>(qkv, 0, dh), packed_in<scalar_t>(qkv, H, dh),
+                         packed_in<scalar_t>(qkv, 2 * H, dh), m, packed_out<scalar_t>(out, 0, dh),
+                         lse.data_ptr<scalar_t>(), B, nh, L, dh);
+  });
+  return {out, lse};
+}
+
+at::Tensor qkv_bwd(const at::Tensor& g_, const at::Tensor& qkv_, int64_t nh,
+                   const std::optional<at::Tensor>& mask_) {
+  check_packed(qkv_, nh, mask_);
+  TORCH_CHECK(g_.dim() == 3 && g_.size(0) == qkv_.size(0) && g_.size(1) == qkv_.size(1) &&
+                  g_.size(2) * 3 == qkv_.size(2),
+              "attention_qkv_bwd: grad must be [B, T, H]");
+  const at::Tensor qkv = packed_rows(qkv_), g = packed_rows(g_), m = mask_of(mask_);
+  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(2) / 3, dh = H / nh;
+  at::Tensor dqkv = at::empty({B, L, 3 * H}, qkv.options());
+  if (dqkv.numel() == 0) return dqkv;
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_bwd", [&] {
+    bwd_kernel<scalar_t>(packed_in<scalar_t>(g, 0, dh), packed_in<scalar_t>(qkv, 0, dh),
+                         packed_in<scalar_t>(qkv, H, dh), packed_in<scalar_t>(qkv, 2 * H, dh), m,
+                         packed_out<scalar_t>(dqkv, 0, dh), packed_out<scalar_t>(dqkv, H, dh),
+                         packed_out<scalar_t>(dqkv, 2 * H, dh), B, nh, L, dh);
+  });
+  return dqkv;
 }
 
 }  // namespace
@@ -226,4 +304,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
 TORCH_LIBRARY_IMPL(nasfast, CPU, m) {
   m.impl("attention_fwd", &nasfast::fwd);
   m.impl("attention_bwd", &nasfast::bwd);
+  m.impl("attention_qkv_fwd", &nasfast::qkv_fwd);
+  m.impl("attention_qkv_bwd", &nasfast::qkv_bwd);
 }

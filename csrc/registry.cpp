@@ -28,6 +28,10 @@ TORCH_LIBRARY(nasfast, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? token_mask) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? token_mask) -> (Tensor, Tensor, Tensor)");
+  // the same attention on a packed qkv [B, T, 3H] (q | k | v, `heads` heads each): out [B, T, H],
+  // lse [B, heads, T]; backward returns d(qkv) [B, T, 3H] (no per-tensor transposes or stacking).
+  m.def("attention_qkv_fwd(Tensor qkv, int heads, Tensor? token_mask) -> (Tensor, Tensor)");
+  m.def("attention_qkv_bwd(Tensor grad, Tensor qkv, int heads, Tensor? token_mask) -> Tensor");
   // sum_l mean over real tokens x H of (h_l - a_l)^2, and (if need_grad) d loss / d h_l.
   m.def("alignment_loss_fwd(Tensor[] child, Tensor[] anchor, Tensor? token_mask, bool need_grad) "
         "-> (Tensor, Tensor[])");

@@ -1,11 +1,11 @@
-"""The five built-in fused ops, one registration each (see ``nasfast.backend.FusedOp``).
+"""The built-in fused ops, one registration each (see ``nasfast.kernels.registry.FusedOp``).
 
 A registration says everything the tests and benchmarks need to know about an op: its eager
 reference (``nasfast.kernels.reference``), its tensor arguments and how to generate them for a
 ``nasfast.kernels.cases.CaseSpec`` (random values at the spec's sizes, padding masks from the shared
 generator), the fixed awkward-shape examples every backend is compared on, the layout and regression
 cases, the sizes the property tests draw, and its realistic benchmark case. Backends
-(``nasfast.kernels.triton_ops``, ``nasfast.native``) implement ops by defining functions of these names.
+(``nasfast.kernels.triton_ops``, ``nasfast.kernels.native``) implement ops by defining functions of these names.
 
 ``rnd(*shape, scale=, shift=)`` draws float64 values rounded to the case dtype (the case dtype itself
 for timing-only cases); ``gen`` is the case's generator (masks, keep patterns). The draw order of each
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nasfast.backend import FusedOp, OpInputs, register_op
+from nasfast.kernels.registry import FusedOp, OpInputs, register_op
 from nasfast.kernels import reference
 from nasfast.kernels.cases import attention_rounding_allowance
 
@@ -162,4 +162,64 @@ register_op(FusedOp(
     examples=(dict(B=3, T=37, H=72, layers=3, mask="mixed"), dict(B=2, T=7, H=24, layers=2)),
     bench=lambda s: (dict(B=s["B"], T=s["T"], H=s["H"], layers=s["layers"], mask="lengths"),
                      f"{s['layers']} x [{s['B']},{s['T']},{s['H']}] masked"),
+))
+
+
+# ---------------------------------------------------------------------------------------- linear
+# Registered after the original five so their cases keep their identities; out features = spec.dh.
+def _linear_inputs(spec, rnd, gen):
+    rows = _rows(spec)
+    values = [rnd(*rows, scale=spec.scale), rnd(spec.dh, spec.H, scale=max(spec.H, 1) ** -0.5), rnd(spec.dh)]
+    return OpInputs(values, [True, True, True], lambda ops, x, w, b: ops.linear(x, w, b),
+                    ["y", "dx", "dweight", "dbias"], out_shape=(*rows[:-1], spec.dh))
+
+
+register_op(FusedOp(
+    "linear", reference.linear, _linear_inputs, lambda spec: ["x", "weight", "bias"],
+    dims=lambda s: f"B{s.B} T{s.T} K{s.H} N{s.dh}",
+    search=dict(dh=(1, 3, 16, 17, 40)),
+    layout_base=dict(B=2, T=5, H=24, dh=8),
+    examples=(dict(B=3, T=37, H=72, dh=40), dict(B=1, T=7, H=24, dh=5, flat=True), dict(B=2, T=1, H=1, dh=3),
+              dict(B=4, T=33, H=17, dh=96)),
+    bench=lambda s: (dict(B=s["B"], T=s["T"], H=s["H"], dh=s["ffn"]), f"x[{s['B']},{s['T']},{s['H']}] -> {s['ffn']}"),
+))
+
+
+# --------------------------------------------------------------------------------- qkv_attention
+def _qkv_attention_inputs(spec, rnd, gen):
+    H = spec.heads * spec.dh
+    values = [rnd(spec.B, spec.T, 3 * H, scale=spec.scale)]
+    return OpInputs(values, [True], lambda ops, qkv, *m: ops.qkv_attention(qkv, spec.heads, _mask(m)),
+                    ["o", "dqkv"], out_shape=(spec.B, spec.T, H))
+
+
+def _qkv_attention_allowance(case):
+    """attention_rounding_allowance on the unpacked q, k, v [B, h, T, dh] and output gradient; d(qkv)
+    gets the largest of the dq, dk, dv bounds."""
+    import dataclasses
+
+    spec = case.spec
+    B, T, h, dh = spec.B, spec.T, spec.heads, spec.dh
+    q, k, v = case.values[0].view(B, T, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    do = case.grad_values.view(B, T, h, dh).transpose(1, 2) if case.grad_values is not None else None
+    unpacked = dataclasses.replace(case, values=[q, k, v, *case.values[1:]], grad_values=do,
+                                   out_names=["o", "dq", "dk", "dv"], allowance=None)
+    bound = attention_rounding_allowance(unpacked)
+    return {"o": bound["o"], "dqkv": max(bound["dq"], bound["dk"], bound["dv"])}
+
+
+register_op(FusedOp(
+    "qkv_attention", reference.qkv_attention, _qkv_attention_inputs, lambda spec: ["qkv"],
+    masked=True,
+    dims=lambda s: f"B{s.B} T{s.T} h{s.heads} dh{s.dh}",
+    search=dict(heads=(1, 2, 3), dh=HEAD_DIMS),
+    layout_base=dict(B=2, heads=3, T=13, dh=17, mask="mixed"),
+    regressions=(dict(B=2, heads=2, T=7, dh=16, scale=5.0, mask="first"),
+                 dict(B=2, heads=2, T=7, dh=16, scale=30.0),  # saturated softmax
+                 dict(B=3, heads=1, T=1, dh=8, mask="mixed")),
+    examples=(dict(B=3, heads=2, T=37, dh=24, mask="mixed"), dict(B=2, heads=3, T=7, dh=16),
+              dict(B=3, heads=1, T=7, dh=12, mask="mixed"), dict(B=2, heads=4, T=70, dh=8, mask="mixed")),
+    bench=lambda s: (dict(B=s["B"], heads=s["heads"], T=s["T"], dh=s["H"] // s["heads"], mask="lengths"),
+                     f"qkv[{s['B']},{s['T']},{3 * s['H']}] h={s['heads']} masked"),
+    allowance=_qkv_attention_allowance,
 ))

@@ -3,7 +3,7 @@
 The one case generator shared by the tests (fixed cases and property-based ones), the GPU suite
 (``benchmarks/gpu_suite.py``) and the CPU benchmarks (``benchmarks/bench_cases.py``). It knows no op
 by name: each op's inputs, argument names, fixed cases and benchmark shape come from its
-registration (``nasfast.backend.FusedOp``; the built-ins are in ``nasfast.kernels.builtin_ops``), so
+registration (``nasfast.kernels.registry.FusedOp``; the built-ins are in ``nasfast.kernels.builtin_ops``), so
 a newly registered op is generated, judged and benchmarked like the others.
 
 A :class:`CaseSpec` names an op, its sizes, dtype, input magnitude, padding mask, dropout, and one
@@ -28,6 +28,10 @@ reads memory it does not own produces NaN rather than a plausible wrong number):
 - ``permuted``: the leading dims stored in reverse order (e.g. [B, h, T, dh] stored as
   [T, h, B, dh], as head-split views of a projection are);
 - ``broadcast``: stride 0 along the first dim (the values repeat along it).
+
+Longer than 400 lines because the layouts, the case builder, the fixed and property-based case
+strategies and the judging rule must agree with each other exactly; split, each piece would import
+all the others.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nasfast import backend as registry
+from nasfast.kernels import registry
 from nasfast.kernels import reference
 
 LAYOUTS = ("contiguous", "transposed", "strided", "offset", "permuted", "broadcast")

@@ -120,3 +120,20 @@ def alignment_loss(
             per_token = (h.to(acc) - a.detach().to(acc)).square().sum(-1)
             total = total + (per_token * m).sum() / count
     return total
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A candidate's projection ``x @ weight.T + bias``: x [..., K], weight [N, K], bias [N]."""
+    return F.linear(x, weight, bias)
+
+
+def qkv_attention(qkv: torch.Tensor, heads: int, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`attention` on a packed projection: qkv [B, T, 3H] = (q | k | v), each split into ``heads``
+    heads of dh = H / heads; returns the heads' outputs concatenated, [B, T, H] (an mha candidate's
+    context before its output projection)."""
+    B, T, H3 = qkv.shape
+    if H3 % 3 or (H3 // 3) % heads:
+        raise ValueError(f"qkv_attention: last dim {H3} is not 3 x a multiple of {heads} heads")
+    H = H3 // 3
+    q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, token_mask).transpose(1, 2).reshape(B, T, H)

@@ -2,7 +2,11 @@
 import os as _os
 import sys as _sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+from nasfast import _moved
+
+_moved.install()  # old flat module paths import for one release, with a DeprecationWarning
 
 
 def _running_as_cli() -> bool:
@@ -15,7 +19,7 @@ def _running_as_cli() -> bool:
 # AutoModelForMaskedLM / AutoModelForSequenceClassification.from_pretrained after `import nasfast`.
 # That import loads torch; a Ctrl-C during it, from the command line, is one line like any other.
 try:
-    from . import hf_model as _hf_model  # noqa: E402,F401
+    from nasfast.nas import hf_model as _hf_model
 except KeyboardInterrupt:
     if not _running_as_cli():
         raise

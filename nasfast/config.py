@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
+from nasfast.errors import UserError
 
 
 @dataclass
@@ -226,10 +226,13 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
 
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file <- ``--set section.key=value`` overrides, then validate."""
+    """Defaults <- YAML file <- ``--set section.key=value`` overrides, then the field checks of ``validate``.
+
+    Checks that need a registry (candidate names, samplers, backends, anchors) are
+    ``nasfast.space.checks.check_config``; ``load_run_config`` there runs both."""
     cfg = Config()
     if path is not None:
-        from .files import read_text
+        from nasfast.files import read_text
 
         path = Path(path)
         if not path.exists():
@@ -265,6 +268,7 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
 
 
 def validate(cfg: Config) -> None:
+    """Each field on its own and against the others; nothing here needs a registry."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise UserError(msg)
@@ -299,44 +303,6 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "eval_every", "ckpt_every", "eval_batches"):
         need(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
     need(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
-    from .backend import known_backends
-    from .samplers import SAMPLERS
-
-    backends = known_backends()  # the built-ins and any registered backend
-    need(cfg.kernels.backend in backends, f"kernels.backend must be one of {', '.join(backends)}, got '{cfg.kernels.backend}'")
-    need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
-    space = build_space(cfg)  # candidate names, head divisibility
-    sc, al = cfg.sampler, cfg.align
-    need(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
-    need(al.weight >= 0, f"align.weight must be >= 0, got {al.weight}")
-    need(al.anchor_every > 0, f"align.anchor_every must be positive, got {al.anchor_every}")
-    from .alignment import anchor_init_count
-    from .samplers import WALKS
-
-    need(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
-    need(al.anchor_warmup is None or 0 <= al.anchor_warmup < t.steps,
-         f"align.anchor_warmup must be null or in [0, train.steps={t.steps}), got {al.anchor_warmup}")
-    try:
-        is_best = anchor_init_count(al.anchor_init) is not None
-    except ValueError as exc:
-        raise UserError(f"align.anchor_init: {exc}") from None
-    if al.anchor_init not in ("largest", "random") and not is_best:
-        space.parse(al.anchor_init)  # raises UserError naming the problem
-    if SAMPLERS[sc.name].aligns:
-        need(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
-                                  "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")
-    from .samplers import build_sampler
-
-    try:  # what a sampler itself requires of the space (e.g. MAGIC-T: two candidates to move between)
-        build_sampler(sc.name, space, t.seed, k=sc.k, walk=sc.walk)
-    except ValueError as exc:
-        raise UserError(f"sampler.name={sc.name}: {exc}") from None
-
-
-def build_space(cfg: Config):
-    from .space import SearchSpace
-
-    return SearchSpace.from_names(cfg.space.layers, cfg.space.candidates, cfg.model.hidden)
 
 
 def save_config(cfg: Config, path: Path) -> None:

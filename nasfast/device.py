@@ -1,11 +1,12 @@
-"""Where a run computes: the torch device and whether the chosen kernels backend runs on it."""
+"""Where a run computes: the torch device (whether the chosen kernels backend runs there is
+``nasfast.kernels.registry.check_backend``)."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from .errors import UserError
+from nasfast.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -18,16 +19,3 @@ def resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device(name)
-
-
-def check_backend(name: str, device: torch.device) -> None:
-    """Fail at start-up, with the reason, if ``kernels.backend`` cannot run on ``device``."""
-    from .backend import get_ops
-
-    if name == "auto":  # falls back to eager (with a warning) by itself
-        return
-    try:
-        get_ops(name, device)
-    except (RuntimeError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"kernels.backend={name} cannot run here: {reason}") from None

@@ -1,10 +1,16 @@
-"""User-supplied paths, checked up front with one-line errors: text files to read, outputs to write."""
+"""Files: user-supplied paths checked up front with one-line errors (text to read, outputs to write),
+and atomic writes (temp file beside the target, fsync, rename; a reader sees the previous complete
+file or the new one, even if the writer is killed with SIGKILL at any moment)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
-from .errors import UserError
+import torch
+
+from nasfast.errors import UserError
+from nasfast.faults import kill_point
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -57,3 +63,35 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     if not os.access(target, os.W_OK):
         raise UserError(f"{flag} {path} is not writable (permission denied)")
     return path
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync, rename over it, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        kill_point(f"before-rename:{path.name}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically: readers see the previous checkpoint or the new one, never a torn file."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file (JSON results) so readers see the old or the new content, never a torn one."""
+    _atomic_write(path, lambda fh: fh.write(text.encode()))

@@ -84,3 +84,19 @@ def seed_global(seed: int) -> None:
 def maybe_seed_layer(base: Optional[int], layer: int) -> None:
     if base is not None:
         seed_global(layer_seed(base, layer))
+
+
+# --- the global generators' state, for checkpoints ---------------------------------------------
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

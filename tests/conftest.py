@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from nasfast.config import Config, load_config
-from nasfast.space import SearchSpace
+from nasfast.space.searchspace import SearchSpace
 
 datasets.disable_progress_bar()
 
@@ -65,7 +65,7 @@ def micro_space() -> SearchSpace:
 
 @pytest.fixture(scope="session")
 def micro_corpus():
-    from nasfast.data import build_corpus
+    from nasfast.data.blocks import build_corpus
 
     return build_corpus(load_config(None, MICRO_OVERRIDES).data)
 

@@ -7,17 +7,17 @@ import torch
 
 from conftest import MICRO_OVERRIDES
 from nasfast.analysis.archlist import read_archs, stratified_archs
-from nasfast.cli import main
+from nasfast.cli.app import main
 from nasfast.config import load_config, save_config
 from nasfast.errors import UserError
-from nasfast.evaluation import evaluate_child
+from nasfast.space.evaluation import evaluate_child
 from nasfast.analysis.groundtruth import cache_path, run_ground_truth
 from nasfast.analysis.interference import check_request, child_pass, compare, cosine, sample_partner
 from nasfast.analysis.ranking import kendall, rank_correlation, spearman
 from nasfast.analysis.runs import open_run
-from nasfast.space import hamming
-from nasfast.supernet import child_num_params
-from nasfast.trainer import Trainer
+from nasfast.space.searchspace import hamming
+from nasfast.space.supernet import child_num_params
+from nasfast.training.trainer import Trainer
 
 ARCHS = ["mha:2|ffn:40|identity", "conv:3|mha:3|conv:5", "identity|identity|ffn:40", "ffn:40|conv:5|mha:2", "mha:3|identity|conv:3"]
 

@@ -12,12 +12,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MICRO_OVERRIDES
-from nasfast.candidates import CANDIDATES, Candidate, CandidateModule, GatedFeedForward, register_candidate
+from nasfast.space.candidates import CANDIDATES, Candidate, CandidateModule, GatedFeedForward, register_candidate
 from nasfast.config import ModelConfig, load_config
 from nasfast.errors import UserError
-from nasfast.space import SearchSpace
-from nasfast.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
-from nasfast.optim import build_optimizer
+from nasfast.space.searchspace import SearchSpace
+from nasfast.space.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
+from nasfast.training.optim import build_optimizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H = 24
@@ -101,7 +101,7 @@ def test_toy_kind_trains_one_supernet_step():
 def test_toy_kind_trains_through_the_trainer_and_reloads(tmp_path):
     """Config -> space -> supernet -> trainer -> checkpoint -> open_run, with nothing but this file's class."""
     from nasfast.analysis.runs import open_run
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     torch.set_num_threads(1)
     overrides = MICRO_OVERRIDES + ["train.steps=2", "train.ckpt_every=2", "train.eval_every=2",
@@ -118,7 +118,7 @@ def test_toy_kind_trains_through_the_trainer_and_reloads(tmp_path):
 
 
 def _metrics(run_dir: Path) -> list:
-    from nasfast.metrics import read_metrics
+    from nasfast.training.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -136,7 +136,7 @@ def test_exact_params_and_flops_of_each_kind(token):
     torch.manual_seed(0)
     module = cand.build(H, ModelConfig(hidden=H, dropout=0.0)).eval()
     assert sum(p.numel() for p in module.parameters()) == cand.num_params(H)
-    from nasfast.backend import get_ops
+    from nasfast.kernels.registry import get_ops
 
     x = torch.randn(1, 19, H)
     with FlopCounterMode(display=False) as counter:
@@ -194,7 +194,7 @@ def test_geglu_in_a_space_counts_exactly_and_ignores_padding():
 def test_geglu_exports_to_hugging_face(tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from nasfast.hf_model import save_folder, to_masked_lm
+    from nasfast.nas.hf_model import save_folder, to_masked_lm
 
     space = SearchSpace.from_names(2, ["geglu:16", "conv:3", "identity"], H)
     torch.manual_seed(0)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from nasfast import cli
-from nasfast.checkpointer import Checkpointer, NonFiniteState, RngState, read_checkpoint
+from nasfast.cli import app as cli
+from nasfast.training.checkpointer import Checkpointer, NonFiniteState, RngState, read_checkpoint
 from nasfast.config import load_config
 from nasfast.errors import UserError
-from nasfast.metrics import MetricsLog, dumps, read_metrics
-from nasfast.optim import build_optimizer, build_scheduler, retarget_schedule
+from nasfast.training.metrics import MetricsLog, dumps, read_metrics
+from nasfast.training.optim import build_optimizer, build_scheduler, retarget_schedule
 
 
 def model_and_optimizer(seed=0):

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from nasfast.checkpoint import load
-from nasfast.cli import main
-from nasfast.checkpointer import CHECKPOINT
+from nasfast.training.checkpointer import raw_checkpoint as load
+from nasfast.cli.app import main
+from nasfast.training.checkpointer import CHECKPOINT
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

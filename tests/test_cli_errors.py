@@ -10,12 +10,12 @@ import time
 import pytest
 
 from conftest import MICRO_OVERRIDES
-from nasfast.checkpointer import CHECKPOINT
-from nasfast.cli import main
+from nasfast.training.checkpointer import CHECKPOINT
+from nasfast.cli.app import main
 from nasfast.config import load_config, save_config
-from nasfast.data import MAX_UNDECODABLE_SHARE, corpus_files, read_lines
+from nasfast.data.blocks import MAX_UNDECODABLE_SHARE, corpus_files, read_lines
 from nasfast.errors import UserError
-from nasfast.trainer import Trainer
+from nasfast.training.trainer import Trainer
 from runhelpers import assert_one_line, cli, copy_run, popen, unprivileged
 
 ARCH = "mha:2|ffn:40|identity"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nasfast.config import DataConfig
-from nasfast.data import build_corpus, corpus_files, load_tokenizer
+from nasfast.data.blocks import build_corpus, corpus_files, load_tokenizer
 from nasfast.errors import UserError
 
 

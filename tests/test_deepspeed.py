@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out_dir: str) ->
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     results = {}
     for job in jobs:
@@ -106,7 +106,8 @@ def _used(children: list[str], space) -> set[str]:
 
 @pytest.mark.parametrize("sampler", ["spos", "magic"])
 def test_zero_stages_equal_plain_data_parallel(tmp_path, sampler):
-    from nasfast.config import build_space, load_config
+    from nasfast.config import load_config
+    from nasfast.space.checks import build_space
 
     jobs = [{"name": "plain", "overrides": _overrides(sampler)}]
     jobs += [{"name": f"zero{s}", "overrides": _overrides(sampler) + [f"train.deepspeed={DS_CONFIGS / f'zero{s}.json'}"]}
@@ -152,7 +153,7 @@ def _gather_worker(rank: int, world: int, port: int, stages: list[int], out_dir:
 
     dist.all_gather_into_tensor = counted
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     results = {}
     for stage in stages:
@@ -212,7 +213,7 @@ def _nan_worker(rank: int, world: int, port: int, stages: list[int], out_dir: st
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     results = {}
     for stage in stages:
@@ -301,7 +302,7 @@ def test_deepspeed_launcher_resume_is_exact(tmp_path, micro_yaml):
     ('{"gradient_clipping": 0.5}', "gradient_clipping=0.5 but train.clip_norm=1.0"),
 ])
 def test_bad_deepspeed_config_exits_2_with_one_line(tmp_path, micro_yaml, content, message, capsys, monkeypatch):
-    from nasfast.cli import main
+    from nasfast.cli.app import main
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     path = tmp_path / "ds.json"
@@ -315,7 +316,7 @@ def test_bad_deepspeed_config_exits_2_with_one_line(tmp_path, micro_yaml, conten
 
 
 def test_deepspeed_flag_without_deepspeed_installed(tmp_path, micro_yaml, monkeypatch, capsys):
-    from nasfast.cli import main
+    from nasfast.cli.app import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without the package looks like
     rc = main(["pretrain", "--config", str(micro_yaml), "--out", str(tmp_path / "run"), "--deepspeed",

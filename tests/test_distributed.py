@@ -21,7 +21,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> Non
     import torch.distributed as dist
 
     from nasfast.config import load_config
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     cfg = load_config(None, MICRO_OVERRIDES + ["sampler.name=magic", "align.anchor_every=1", "align.anchor_init=random", "data.anchor_blocks=4"])
     trainer = Trainer(cfg, run_dir, progress=False)

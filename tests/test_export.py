@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast.cli import main
+from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.analysis.runs import open_run
-from nasfast.trainer import Trainer
+from nasfast.training.trainer import Trainer
 
 # Identity layers, attention and convolutions (whose padding masks matter), feed-forward.
 CHILDREN = ["mha:2|identity|conv:5", "identity|identity|identity", "conv:3|mha:3|ffn:40", "identity|ffn:40|mha:2"]
@@ -54,7 +54,7 @@ def test_exported_masked_lm_computes_what_the_supernet_computes(micro_run, tmp_p
             got = model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(got, expected)  # same modules, same ops, same order: bitwise
     # the exact parameter count the search budgets with
-    from nasfast.supernet import child_num_params
+    from nasfast.space.supernet import child_num_params
 
     assert model.num_parameters() == child_num_params(run.space, arch, run.corpus.vocab_size, run.cfg.model.max_len)
 
@@ -102,7 +102,7 @@ def test_arch_from_search_json_and_arch_list(micro_run, tmp_path, capsys):
 
 
 def test_backend_key(micro_run, tmp_path):
-    from nasfast.hf_model import NasfastConfig, NasfastForMaskedLM
+    from nasfast.nas.hf_model import NasfastConfig, NasfastForMaskedLM
 
     assert main(["export", "--run", str(micro_run), "--arch", CHILDREN[0], "--out", str(tmp_path / "m"), "--backend", "triton"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["kernels_backend"] == "triton"

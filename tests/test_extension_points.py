@@ -10,12 +10,12 @@ from typing import ClassVar
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast import backend
-from nasfast.backend import Backend
-from nasfast.candidates import CANDIDATES, Candidate, CandidateModule, register_candidate
+from nasfast.kernels import registry as backend
+from nasfast.kernels.registry import Backend
+from nasfast.space.candidates import CANDIDATES, Candidate, CandidateModule, register_candidate
 from nasfast.config import ModelConfig, load_config
-from nasfast.metrics import read_metrics
-from nasfast.trainer import Trainer
+from nasfast.training.metrics import read_metrics
+from nasfast.training.trainer import Trainer
 from test_op_registry import TOY_OP, Counted, scaled_tanh_fused
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from nasfast.checkpointer import CHECKPOINT, read_checkpoint
+from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
 from runhelpers import cli, popen
 
 STEPS = 10

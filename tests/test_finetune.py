@@ -9,11 +9,11 @@ import torch
 
 import nasfast
 from conftest import MICRO_OVERRIDES
-from nasfast.cli import main
+from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.errors import UserError
-from nasfast.finetune import FinetuneSettings, load_task, schedule
-from nasfast.trainer import Trainer
+from nasfast.nas.finetune import FinetuneSettings, load_task, schedule
+from nasfast.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

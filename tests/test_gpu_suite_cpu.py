@@ -49,7 +49,7 @@ def test_write_results(suite, tmp_path):
                   max_err=1e-3, eager_err=2e-3, ok=True),
         suite.Row("kernel", "attention", "base", "q[32,12,512,64]", "bf16", "eager", "fwd", 2.0, 1.9, 2.1, 512.0),
         suite.Row("kernel", "attention", "base", "q[32,12,512,64]", "bf16", "triton", "fwd", 0.5, 0.49, 0.52, 128.0, 4.0),
-        suite.Row("step", "supernet", note="skipped: nasfast.supernet not importable"),
+        suite.Row("step", "supernet", note="skipped: nasfast.space.supernet not importable"),
     ]
     machine = {"gpu": "NVIDIA H200", "torch": "2.x", "triton": "3.x"}
     csv_path, md_path = suite.write_results(rows, tmp_path / "out", machine, "python gpu_suite.py --quick")

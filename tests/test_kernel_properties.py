@@ -27,7 +27,7 @@ import shutil
 import pytest
 import torch
 
-from nasfast.backend import get_op, get_ops, op_names
+from nasfast.kernels.registry import get_op, get_ops, op_names
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
@@ -71,7 +71,7 @@ def backend_ops(name: str, op: str | None = None):
         if _TRITON:
             pytest.skip(_TRITON)
         return triton_ops
-    import nasfast.native as native
+    import nasfast.kernels.native as native
 
     if not native.available():
         if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -137,7 +137,7 @@ def test_layout_cases(spec, backend):
 # --------------------------------------------------------------------------------- the repros
 def test_issue_repro_strided_weight_and_bias():
     """A strided LayerNorm weight/bias or dwconv bias (e.g. a view from a sharding wrapper)."""
-    from nasfast.backend import get_ops
+    from nasfast.kernels.registry import get_ops
 
     backend_ops("triton")  # skips where the interpreter cannot run
     T = get_ops("triton", DEV)
@@ -266,6 +266,11 @@ def _opcheck_calls(ns: str, layout: str):
             add("add_dropout_layernorm_bwd", (ldy, lx, lr, lw, mean, rstd, p, km, s))
         o, lse = ops.attention_fwd(q, k, v, am)
         add("attention_bwd", (ado, q, k, v, o, lse, am))
+        (qkv, qm), qdo = _inputs(cases.CaseSpec("qkv_attention", B=3, heads=2, T=7, dh=16, mask="mixed",
+                                                layouts=lay(2), grad_layout=layout))
+        add("attention_qkv_fwd", (qkv, 2, qm), True)
+        add("attention_qkv_fwd", (qkv, 2, None), True)
+        add("attention_qkv_bwd", (qdo, qkv, 2, qm))
     return calls
 
 
@@ -284,7 +289,7 @@ def test_opcheck(ns, layout):
     """Schema, fake (meta) shapes *and strides*, and AOT dispatch of every custom op, on contiguous
     and non-contiguous inputs. The triton forward ops own their autograd (register_autograd) and are
     checked with inputs that require grad; the native ops' autograd is a Python autograd.Function
-    around them (nasfast.native), so they, like every backward op, are checked without."""
+    around them (nasfast.kernels.native), so they, like every backward op, are checked without."""
     backend_ops("triton" if ns == "nasfast_triton" else "native")
     calls = _opcheck_calls(ns, layout)
     assert {f"{ns}::{c[0]}" for c in calls} == _registered(ns), "an op without an opcheck case"

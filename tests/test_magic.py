@@ -4,15 +4,15 @@ import random
 import pytest
 import torch
 
-from nasfast.alignment import AnchorTracker, aligned_forward, first_difference
-from nasfast.checkpoint import load
+from nasfast.space.alignment import AnchorTracker, aligned_forward, first_difference
+from nasfast.training.checkpointer import raw_checkpoint as load
 from nasfast.config import ModelConfig
-from nasfast.metrics import read_metrics
-from nasfast.samplers import build_sampler
-from nasfast.space import hamming
-from nasfast.supernet import Supernet
-from nasfast.checkpointer import CHECKPOINT
-from nasfast.trainer import Trainer
+from nasfast.training.metrics import read_metrics
+from nasfast.space.samplers import build_sampler
+from nasfast.space.searchspace import hamming
+from nasfast.space.supernet import Supernet
+from nasfast.training.checkpointer import CHECKPOINT
+from nasfast.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -161,7 +161,7 @@ def test_anchor_warmup_then_best_of_n(micro_space):
 
 
 def test_anchor_split_is_disjoint_from_evaluation_dev(micro_config, tmp_path):
-    from nasfast.data import build_corpus
+    from nasfast.data.blocks import build_corpus
 
     micro_config.data.anchor_blocks = 5
     corpus = build_corpus(micro_config.data)
@@ -175,17 +175,17 @@ def test_anchor_split_is_disjoint_from_evaluation_dev(micro_config, tmp_path):
 
 
 def test_magic_a_requires_an_anchor_split(micro_config):
-    from nasfast.config import load_config
+    from nasfast.space.checks import load_run_config
     from nasfast.errors import UserError
     from conftest import MICRO_OVERRIDES
 
     with pytest.raises(UserError, match="data.anchor_blocks"):
-        load_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a"])
+        load_run_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a"])
     with pytest.raises(UserError, match="anchor_dev_batches' was removed"):
-        load_config(None, MICRO_OVERRIDES + ["sampler.anchor_dev_batches=2"])
+        load_run_config(None, MICRO_OVERRIDES + ["sampler.anchor_dev_batches=2"])
     with pytest.raises(UserError, match="best:N"):
-        load_config(None, MICRO_OVERRIDES + ["align.anchor_init=best:x"])
-    load_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a", "data.anchor_blocks=4"])
+        load_run_config(None, MICRO_OVERRIDES + ["align.anchor_init=best:x"])
+    load_run_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a", "data.anchor_blocks=4"])
 
 
 
@@ -196,7 +196,7 @@ def test_magic_a_keys_moved_to_the_align_section(tmp_path, capsys):
     from conftest import MICRO_OVERRIDES
     from nasfast.config import load_config, migrate
     from nasfast.errors import UserError
-    from nasfast.runfolder import check_resume_changes
+    from nasfast.training.runfolder import check_resume_changes
 
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"sampler": {"name": "magic-a", "align_weight": 0.37, "anchor_every": 3}}))

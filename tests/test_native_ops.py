@@ -1,4 +1,4 @@
-"""C++ CPU ops (nasfast.native) against the eager references in nasfast.kernels.reference.
+"""C++ CPU ops (nasfast.kernels.native) against the eager references in nasfast.kernels.reference.
 
 Every comparison evaluates three things on the same random inputs and the same random grad_output:
 the native op (fp32), the eager reference (fp32), and the reference in float64 (the truth). For the
@@ -21,7 +21,7 @@ from itertools import product
 import pytest
 import torch
 
-from nasfast.backend import get_op, get_ops
+from nasfast.kernels.registry import get_op, get_ops
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
@@ -31,7 +31,7 @@ STRICT = cases.Rule(eager_factor=2.0, floor={torch.float32: FLOOR, torch.float64
 
 @pytest.fixture(scope="session")
 def native():
-    import nasfast.native as native
+    import nasfast.kernels.native as native
 
     if not native.available():
         if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -170,7 +170,7 @@ def test_attention_strided_views(native):
 def test_attention_aten_gemm_fallback(native):
     """The GEMM path used where libtorch_cpu exports no BLAS symbols gives the same results."""
     code = (
-        "import torch, nasfast.native as n\n"
+        "import torch, nasfast.kernels.native as n\n"
         "from nasfast.kernels import reference as ref\n"
         "assert n.available(), n.why_unavailable()\n"
         "assert n.gemm_backend() == 'aten', n.gemm_backend()\n"
@@ -237,7 +237,7 @@ def test_low_precision_upcast(native, dtype):
 
 
 def test_backend_selects_native(native):
-    from nasfast.backend import get_op, get_ops
+    from nasfast.kernels.registry import get_op, get_ops
 
     ops = get_ops("native", "cpu")
     assert ops.name == "native" and ops.attention is native.attention
@@ -246,7 +246,7 @@ def test_backend_selects_native(native):
 
 def test_convergence_matches_eager(native, one_thread):
     """A small post-LN block trained 20 steps with each backend: same loss curve."""
-    from nasfast.backend import get_op, get_ops
+    from nasfast.kernels.registry import get_op, get_ops
 
     B, T, H, nh, k = 4, 17, 24, 2, 5
     mask = padding_mask(B, T, "mixed")
@@ -290,7 +290,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang(native):
     build_dir = native._build_dir(native._arch(), native._sources_dir())
     assert (build_dir / "nasfast.lock").exists()  # the session's build went through the OS lock
     (build_dir / "lock").write_text("")  # what a killed build leaves
-    code = "import nasfast.native as n; assert n.available(), n.why_unavailable()"
+    code = "import nasfast.kernels.native as n; assert n.available(), n.why_unavailable()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (build_dir / "lock").exists()

@@ -1,4 +1,4 @@
-"""The fused-op registry (nasfast.backend): a toy op and toy backends registered from this file only.
+"""The fused-op registry (nasfast.kernels.registry): a toy op and toy backends registered from this file only.
 
 Proves the one-place claim: registering an op (reference + case inputs) and a backend that
 implements a subset of the ops is all it takes; the shared case generator, the error rule and the
@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast import backend
-from nasfast.backend import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
-from nasfast.cli import main
+from nasfast.kernels import registry as backend
+from nasfast.kernels.registry import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
+from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
-from nasfast.metrics import read_metrics
-from nasfast.trainer import Trainer
+from nasfast.training.metrics import read_metrics
+from nasfast.training.trainer import Trainer
 
-BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss")
+BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss", "linear", "qkv_attention")
 
 
 # ------------------------------------------------------------------------------- the toy op
@@ -104,11 +104,12 @@ def test_backend_with_one_op_falls_back_per_op(toy):
     for name in BUILTIN:  # every other op is exactly its eager reference
         assert getattr(ops, name) is getattr(ref, name) is get_op(name).reference
     assert ops.report() == {"backend": "toy", "fused_ops": ["scaled_tanh"], "eager_ops": list(BUILTIN)}
-    assert ops.describe() == ("toy: fused 1/6 (scaled_tanh); eager reference: "
-                              "bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss")
+    assert ops.describe() == ("toy: fused 1/8 (scaled_tanh); eager reference: "
+                              "bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss, linear, "
+                              "qkv_attention")
     # the other backends do not implement the toy op: it runs its reference there
     eager = get_ops("eager")
-    assert eager.scaled_tanh is scaled_tanh_reference and eager.fused == () and len(eager.fallback) == 6
+    assert eager.scaled_tanh is scaled_tanh_reference and eager.fused == () and len(eager.fallback) == 8
     partial = get_ops("toy_gelu")
     assert partial.fused == ("bias_gelu",) and partial.bias_gelu is toy and partial.attention is ref.attention
     with pytest.raises(AttributeError, match="has no op 'softmax'"):

@@ -48,7 +48,7 @@ def test_python_dash_m_nasfast_works_from_the_repo_root():
     out = subprocess.run([sys.executable, "-m", "nasfast", "--help"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert out.returncode == 0 and "pretrain" in out.stdout, out.stderr
     # the import that failed when kernels/ shadowed Hugging Face's package
-    out = _python("import nasfast.hf_model, transformers.modeling_utils; print('ok')", cwd=REPO)
+    out = _python("import nasfast.nas.hf_model, transformers.modeling_utils; print('ok')", cwd=REPO)
     assert out.stdout.strip() == "ok", out.stderr
 
 
@@ -65,7 +65,7 @@ def test_packaging_maps_kernels_under_nasfast(tmp_path):
 def _subcommands() -> list[str]:
     import argparse
 
-    from nasfast.cli import build_parser
+    from nasfast.cli.app import build_parser
 
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sorted(action.choices)

@@ -18,12 +18,12 @@ import torch.multiprocessing as mp
 from conftest import MICRO_OVERRIDES
 from runhelpers import assert_one_line, cli
 from nasfast.config import DataConfig, load_config, save_config
-from nasfast.data import (DEV_SPLIT_SEED, Corpus, build_corpus, corpus_files, make_blocks, mask_tokens, read_lines,
+from nasfast.data.blocks import (DEV_SPLIT_SEED, Corpus, build_corpus, corpus_files, make_blocks, mask_tokens, read_lines,
                           torch_generator)
 from nasfast.distributed import World
 from nasfast.errors import UserError
-from nasfast.loader import StepLoader
-from nasfast.prepare import open_prepared, prepare, read_manifest
+from nasfast.data.loader import StepLoader
+from nasfast.data.prepare import open_prepared, prepare, read_manifest
 
 
 def _micro_text(chars: int = 120_000, start: int = 0) -> list[str]:
@@ -35,7 +35,7 @@ def _micro_text(chars: int = 120_000, start: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def wordpiece_dir(tmp_path_factory):
     """A small BERT WordPiece tokenizer folder made here from the embedded corpus (no download)."""
-    from nasfast.prepare import train_tokenizer
+    from nasfast.data.prepare import train_tokenizer
 
     folder = tmp_path_factory.mktemp("wordpiece")
     train_tokenizer(_micro_text(200_000), 300, True).save_pretrained(str(folder))
@@ -140,8 +140,8 @@ def test_existing_tokenizer_folder_and_bad_ones(micro_config, tmp_path, wordpiec
 
 
 def test_tokenizer_sample_bounds_the_text_it_is_trained_on(micro_config, tmp_path):
-    from nasfast.datasources import resolve_sources
-    from nasfast.prepare import tokenizer_sample
+    from nasfast.data.sources import resolve_sources
+    from nasfast.data.prepare import tokenizer_sample
 
     cfg = _data_cfg(micro_config, tokenizer_sample_chars=20_000, max_chars_per_file=None)
     sources = resolve_sources(cfg.corpus)
@@ -264,7 +264,7 @@ def test_step_loader_prefetch_is_a_pure_function_of_the_step(micro_corpus, micro
 
 
 def test_prefetching_run_equals_a_synchronous_one(micro_config, tmp_path):
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     losses = {}
     for prefetch in (True, False):
@@ -288,7 +288,7 @@ def _rank_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, p
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from nasfast.trainer import Trainer
+    from nasfast.training.trainer import Trainer
 
     cfg = load_config(None, MICRO_OVERRIDES + [f"data.prepared={prep}", "data.copy_max_mb=0", "train.steps=4"])
     trainer = Trainer(cfg, run_dir, progress=False)
@@ -329,8 +329,8 @@ def test_two_ranks_read_disjoint_blocks_of_one_shared_map(micro_config, tmp_path
 
 def test_an_older_cache_entry_is_converted_keeping_its_tokenizer(micro_config, micro_corpus, tmp_path):
     """A cache written by an older nasfast (blocks.npz + tokenizer/) becomes a prepared folder with the same tokens."""
-    from nasfast.datasources import resolve_sources
-    from nasfast.prepare import data_key
+    from nasfast.data.sources import resolve_sources
+    from nasfast.data.prepare import data_key
 
     cfg = _data_cfg(micro_config, cache_dir=str(tmp_path / "cache"))
     legacy = tmp_path / "cache" / "corpus" / data_key(cfg, resolve_sources(cfg.corpus))

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast.checkpointer import CHECKPOINT, read_checkpoint
-from nasfast.cli import main
+from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
+from nasfast.cli.app import main
 from nasfast.config import load_config, save_config
-from nasfast.data import load_tokenizer
-from nasfast.metrics import read_metrics
-from nasfast.optim import lr_lambda
-from nasfast.trainer import Trainer
+from nasfast.data.blocks import load_tokenizer
+from nasfast.training.metrics import read_metrics
+from nasfast.training.optim import lr_lambda
+from nasfast.training.trainer import Trainer
 from runhelpers import assert_one_line, cli, copy_run, popen, strict_json_lines
 
 

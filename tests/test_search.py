@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import MICRO_OVERRIDES
-from nasfast.cli import main
+from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.errors import UserError
 from nasfast.analysis.runs import open_run
-from nasfast.search import Budget, ScoreCache, SearchSettings, pareto_front, run_search, Child
-from nasfast.space import SearchSpace
-from nasfast.supernet import child_forward_flops, child_num_params
-from nasfast.trainer import Trainer
+from nasfast.nas.search import Budget, ScoreCache, SearchSettings, pareto_front, run_search, Child
+from nasfast.space.searchspace import SearchSpace
+from nasfast.space.supernet import child_forward_flops, child_num_params
+from nasfast.training.trainer import Trainer
 
 # 6 layers x 5 candidates = 15,625 children: small enough to enumerate for the true optimum, large
 # enough that a few hundred random draws rarely hit it.
@@ -178,7 +178,7 @@ def test_a_budget_too_tight_for_rejection_is_met_by_repair():
 def test_budget_counts_parse():
     import argparse
 
-    from nasfast.cli_nas import count
+    from nasfast.cli.nas import count
 
     assert [count(t) for t in ("1490000", "1.49e6", "1.49M", "500k", "2G", "2.5b")] == [1490000, 1490000, 1490000, 500000, 2 * 10**9, 25 * 10**8]
     for bad in ("", "-5", "1.2.3", "ten", "5x"):

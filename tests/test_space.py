@@ -6,8 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nasfast.config import ModelConfig
 from nasfast.errors import UserError
-from nasfast.space import Candidate, SearchSpace, hamming
-from nasfast.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
+from nasfast.space.searchspace import Candidate, SearchSpace, hamming
+from nasfast.space.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
 
 
 def test_candidate_parse_round_trip():

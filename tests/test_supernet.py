@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nasfast.config import ModelConfig
-from nasfast.supernet import Supernet
-from nasfast.optim import build_optimizer
+from nasfast.space.supernet import Supernet
+from nasfast.training.optim import build_optimizer
 
 
 def make_net(space, dropout=0.0, vocab=97):

@@ -4,10 +4,10 @@ import pytest
 
 import torch
 
-from nasfast.checkpoint import load
-from nasfast.metrics import read_metrics
-from nasfast.checkpointer import CHECKPOINT
-from nasfast.trainer import Trainer
+from nasfast.training.checkpointer import raw_checkpoint as load
+from nasfast.training.metrics import read_metrics
+from nasfast.training.checkpointer import CHECKPOINT
+from nasfast.training.trainer import Trainer
 
 
 def run(cfg, out, **kw):
@@ -92,7 +92,7 @@ def test_loss_decreases(micro_config, tmp_path):
 
 
 def test_lr_schedule_warmup_then_linear_decay():
-    from nasfast.optim import lr_lambda
+    from nasfast.training.optim import lr_lambda
 
     f = lr_lambda(warmup=10, total=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

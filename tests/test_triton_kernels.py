@@ -19,7 +19,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nasfast.backend import get_op, get_ops
+from nasfast.kernels.registry import get_op, get_ops
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
 
@@ -208,13 +208,14 @@ def test_gradcheck_fp64(request, case):
 def test_backend_loads_with_reference_signatures():
     import inspect
 
-    from nasfast.backend import OP_NAMES, get_ops
+    from nasfast.kernels.registry import OP_NAMES, get_ops
 
     ops = get_ops("triton", DEV)
     assert ops.name == "triton" and triton_ops.available() and triton_ops.why_unavailable() == ""
     for name in OP_NAMES:
         assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(ref, name)), name
-        assert hasattr(torch.ops.nasfast_triton, f"{name}_fwd") or name == "alignment_loss"
+        # ops without a Triton kernel (linear, qkv_attention) run their eager reference on this backend
+        assert hasattr(torch.ops.nasfast_triton, f"{name}_fwd") or name == "alignment_loss" or name not in ops.fused
     assert hasattr(torch.ops.nasfast_triton, "alignment_loss_fwd")
 
 
@@ -248,7 +249,7 @@ def test_torch_compile_treats_ops_as_opaque():
 @pytest.mark.slow
 def test_convergence_matches_eager():
     """A few dozen SGD steps of a small post-LN block stack: fused and eager losses stay together."""
-    from nasfast.backend import get_op, get_ops
+    from nasfast.kernels.registry import get_op, get_ops
 
     B, T, H, NH = 4, 13, 24, 2
     torch.manual_seed(0)

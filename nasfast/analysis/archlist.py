@@ -5,15 +5,15 @@ import itertools
 import random
 from pathlib import Path
 
-from ..errors import UserError
-from ..space import Arch, SearchSpace
+from nasfast.errors import UserError
+from nasfast.space.searchspace import Arch, SearchSpace
 
 POOL_PER_ARCH = 200  # random candidates drawn per requested child before stratifying
 
 
 def read_archs(path: str | Path, space: SearchSpace) -> list[Arch]:
     """Parse an arch list; blank lines and ``#`` comments are skipped, duplicates dropped (order kept)."""
-    from ..files import read_text
+    from nasfast.files import read_text
 
     path = Path(path)
     archs: list[Arch] = []

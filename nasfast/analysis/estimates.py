@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from ..evaluation import evaluate_child
-from .runs import Run, dev_description
-from ..space import Arch
-from ..supernet import child_num_params
+from nasfast.space.evaluation import evaluate_child
+from nasfast.analysis.runs import Run, dev_description
+from nasfast.space.searchspace import Arch
+from nasfast.space.supernet import child_num_params
 
 
 def inherited_estimates(run: Run, archs: list[Arch], dev_batches: int | None = None, progress: bool = True) -> dict:

@@ -22,14 +22,14 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .. import rng
-from ..checkpoint import atomic_write_text
-from ..data import data_fingerprint
-from ..errors import UserError
-from ..evaluation import evaluate_mlm
-from .runs import Run, dev_description
-from ..space import Arch
-from ..supernet import StaticModel, child_num_params
+from nasfast import rng
+from nasfast.files import atomic_write_text
+from nasfast.data.blocks import data_fingerprint
+from nasfast.errors import UserError
+from nasfast.space.evaluation import evaluate_mlm
+from nasfast.analysis.runs import Run, dev_description
+from nasfast.space.searchspace import Arch
+from nasfast.space.supernet import StaticModel, child_num_params
 
 PROTOCOL_VERSION = 1
 # Train keys that do not change what a child learns (logging, supernet evaluation, device).
@@ -68,8 +68,8 @@ def protocol_key(proto: dict) -> str:
 
 def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
     """Train ``arch`` from scratch as a StaticModel for ``steps`` steps; its dev loss/accuracy."""
-    from ..data import micro_batches
-    from ..optim import build_optimizer, clip_and_step, lr_lambda
+    from nasfast.data.blocks import micro_batches
+    from nasfast.training.optim import build_optimizer, clip_and_step, lr_lambda
 
     cfg, t, device, corpus = run.cfg, run.cfg.train, run.device, run.corpus
     with rng.isolated("cpu"):  # the same initialisation seed for every child; the caller's RNG is kept

@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_text
-from ..errors import UserError
-from .ranking import fmt, spearman
-from ..space import Arch, SearchSpace
+from nasfast.files import atomic_write_text
+from nasfast.errors import UserError
+from nasfast.analysis.ranking import fmt, spearman
+from nasfast.space.searchspace import Arch, SearchSpace
 
 
 @dataclass
@@ -219,7 +219,7 @@ def correlations(pairs: list[dict]) -> dict:
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:
     """interference.json + two PNGs in ``out``; returns the paths written."""
-    from . import plots
+    from nasfast.analysis import plots
 
     out.mkdir(parents=True, exist_ok=True)
     op = report["operator"]

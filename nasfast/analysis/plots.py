@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..metrics import pyplot as _pyplot
+from nasfast.training.metrics import pyplot as _pyplot
 
 
 def errorbar(path: Path, x: Sequence, mean: Sequence, std: Sequence, xlabel: str, ylabel: str, title: str) -> None:

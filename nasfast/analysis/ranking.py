@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
+from nasfast.errors import UserError
 
 METRICS = ("loss", "accuracy")
 MIN_CHILDREN = 3
@@ -60,7 +60,7 @@ def load_results(path: str | Path) -> dict:
         path = path / "ground_truth.json"
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
-    from ..files import read_text
+    from nasfast.files import read_text
 
     try:
         data = json.loads(read_text(path, "results file"))

@@ -14,12 +14,14 @@ from typing import Optional
 
 import torch
 
-from ..checkpointer import CHECKPOINT, load_model_state, read_checkpoint
-from ..config import Config, build_space, load_config
-from ..data import Corpus, build_corpus
-from ..device import check_backend, resolve_device
-from ..errors import UserError
-from ..space import SearchSpace
+from nasfast.training.checkpointer import CHECKPOINT, load_model_state, read_checkpoint
+from nasfast.config import Config
+from nasfast.space.checks import build_space, load_run_config
+from nasfast.data.blocks import Corpus, build_corpus
+from nasfast.device import resolve_device
+from nasfast.kernels.registry import check_backend
+from nasfast.errors import UserError
+from nasfast.space.searchspace import SearchSpace
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Run:
 
     def supernet(self):
         """The supernet with the checkpoint's weights, in eval mode (dropout off)."""
-        from ..supernet import Supernet
+        from nasfast.space.supernet import Supernet
 
         ckpt = self.path / CHECKPOINT
         if not ckpt.is_file():
@@ -68,7 +70,7 @@ def open_run(path: str | Path, device: Optional[str] = None) -> Run:
         raise UserError(f"{path} is not a run folder (no config.yaml)")
     if not (path / "data" / "blocks.npz").is_file() and not (path / "data" / "prepared.json").is_file():
         raise UserError(f"run {path} has no data folder (data/blocks.npz)")
-    cfg = load_config(path / "config.yaml")
+    cfg = load_run_config(path / "config.yaml")
     corpus = build_corpus(cfg.data, path, require=True)
     return Run(path, cfg, build_space(cfg), corpus, resolve_device(device or cfg.train.device))
 

@@ -1,0 +1,181 @@
+"""metrics.jsonl and the loop's per-step bookkeeping (progress bar, tokens/s windows, eval cadence).
+
+metrics.jsonl holds one strict-JSON object per logged step (NaN and inf are written as null), appended
+and flushed as training goes, and fsynced before every checkpoint, so every line up to the
+checkpoint's step survives a crash. On resume the lines after the checkpoint, and a line torn by a
+kill, are dropped (they will be logged again) with an atomic rewrite.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm.auto import tqdm
+
+from nasfast.files import atomic_write_text
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def _parse(line: bytes) -> Optional[dict]:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a torn or damaged line (JSONDecodeError and UnicodeDecodeError)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            self._drop_after(resume_step)
+        self._fh = open(self.path, "a")
+
+    def _drop_after(self, step: int) -> None:
+        """Keep the lines of steps <= ``step``; drop later ones and a torn last line (rewritten atomically).
+
+        Lines that do not parse in the middle of the file are kept as they are: resuming must not
+        delete what a reader might still recover.
+        """
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        torn = lines.pop() != b""  # no newline at the end: the last write was cut
+        kept = []
+        for line in lines:
+            record = _parse(line) if line.strip() else None
+            if record is not None and isinstance(record.get("step"), int) and record["step"] > step:
+                continue
+            if line.strip():
+                kept.append(line)
+        if not torn and len(kept) == len([l for l in lines if l.strip()]):
+            return  # nothing to drop: no rewrite, so no window in which a kill could lose history
+        atomic_write_text(self.path, b"".join(l + b"\n" for l in kept).decode("utf-8", "surrogateescape"))
+
+    def write(self, record: dict) -> None:
+        self._fh.write(dumps(record) + "\n")
+        self._fh.flush()
+
+    def sync(self) -> None:
+        """Make every line written so far durable (called before each checkpoint)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every parseable record of a metrics.jsonl (a torn last line is skipped)."""
+    return [r for line in Path(path).read_bytes().split(b"\n") if line.strip() and (r := _parse(line)) is not None]
+
+
+class Throughput:
+    """Tokens per second over the steps since the last report; time spent evaluating is left out."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._steps = time.perf_counter(), 0
+
+    def add_step(self) -> None:
+        self._steps += 1
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens_per_step * self._steps / max(now - self._start, 1e-9)
+        self._start, self._steps = now, 0
+        return rate
+
+
+class TrainLogger:
+    """Called once per finished step: progress bar, tokens/s, dev evaluation on its cadence, metrics.jsonl.
+
+    A step is logged every ``log_every`` steps, at the last step, when the anchor changed, when it is
+    evaluated (every ``eval_every`` steps and at the last), and when its loss or gradient norm is not
+    finite (so a divergence is on record).
+    """
+
+    def __init__(self, train_cfg, tokens_per_step: int, start_step: int, log: Optional[MetricsLog], progress: bool):
+        self.t, self.log = train_cfg, log
+        self.throughput = Throughput(tokens_per_step)
+        self.bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc="pretrain", unit="step",
+                        dynamic_ncols=True)
+        self.last_dev: dict = {}
+
+    def step(self, step: int, record: dict, evaluate: Callable[[], dict]) -> None:
+        t = self.t
+        self.throughput.add_step()
+        self.bar.update(1)
+        finite = all(math.isfinite(record.get(k, 0.0)) for k in ("loss", "grad_norm"))
+        due_eval = finite and (step % t.eval_every == 0 or step == t.steps)
+        if not (due_eval or not finite or step % t.log_every == 0 or step == t.steps or record.get("anchor_changed")):
+            return
+        record["tokens_per_s"] = self.throughput.rate()
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if due_eval:
+            record["dev"] = self.last_dev = evaluate()
+            self.throughput.restart()  # evaluation time is not training throughput
+        if self.log is not None:
+            self.log.write({"step": step, **record})
+
+    def sync(self) -> None:
+        if self.log is not None:
+            self.log.sync()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (imported on first use: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(path: Path, records: list[dict], unigram: float | None = None) -> None:
+    """Train loss per logged step and dev MLM loss of each representative child (from metrics.jsonl)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="0.6", lw=1, label="train loss (sampled child)")
+    evals = [r for r in records if "dev" in r]
+    for name in (evals[-1]["dev"] if evals else {}):
+        points = [(r["step"], r["dev"][name]["loss"]) for r in evals if name in r["dev"]]
+        ax.plot(*zip(*points), marker="o", ms=3, label=f"dev {name}")
+    if unigram is not None:
+        ax.axhline(unigram, color="k", ls="--", lw=1, label=f"unigram baseline {unigram:.2f}")
+    ax.set(xlabel="step", ylabel="MLM loss (nats)", title="supernet pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
