@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from nasfast.errors import UserError
+from nasfast.errors import UserError, require
 
 
 @dataclass
@@ -269,40 +269,36 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
 
 def validate(cfg: Config) -> None:
     """Each field on its own and against the others; nothing here needs a registry."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(msg)
-
     m, d, t = cfg.model, cfg.data, cfg.train
-    need(m.hidden > 0, f"model.hidden must be positive, got {m.hidden}")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    need(m.max_len >= d.block_size, f"model.max_len ({m.max_len}) must be >= data.block_size ({d.block_size})")
-    need(m.layer_norm_eps > 0, f"model.layer_norm_eps must be positive, got {m.layer_norm_eps}")
-    need(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
-    need(d.block_size >= 8, f"data.block_size must be >= 8, got {d.block_size}")
-    need(0.0 < d.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
-    need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
-    need(d.dev_blocks >= 1, f"data.dev_blocks must be >= 1, got {d.dev_blocks}")
-    need(0 <= d.anchor_blocks < d.dev_blocks,
+    require(m.hidden > 0, f"model.hidden must be positive, got {m.hidden}")
+    require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    require(m.max_len >= d.block_size, f"model.max_len ({m.max_len}) must be >= data.block_size ({d.block_size})")
+    require(m.layer_norm_eps > 0, f"model.layer_norm_eps must be positive, got {m.layer_norm_eps}")
+    require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
+    require(d.block_size >= 8, f"data.block_size must be >= 8, got {d.block_size}")
+    require(0.0 < d.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
+    require(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
+    require(d.dev_blocks >= 1, f"data.dev_blocks must be >= 1, got {d.dev_blocks}")
+    require(0 <= d.anchor_blocks < d.dev_blocks,
          f"data.anchor_blocks must be in [0, data.dev_blocks={d.dev_blocks}), got {d.anchor_blocks}")
-    need(d.max_chars_per_file is None or d.max_chars_per_file > 0, "data.max_chars_per_file must be positive or null")
-    need(len(d.corpus) > 0, "data.corpus is empty")
-    need(d.tokenizer_sample_chars > 0, f"data.tokenizer_sample_chars must be positive, got {d.tokenizer_sample_chars}")
-    need(d.copy_max_mb >= 0, f"data.copy_max_mb must be >= 0, got {d.copy_max_mb}")
-    need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
-    need(bool(d.text_column), "data.text_column must not be empty")
-    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
-    need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
-    need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
-    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    need(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps must be in [0, train.steps], got {t.warmup_steps}")
-    need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 disables), got {t.clip_norm}")
-    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
+    require(d.max_chars_per_file is None or d.max_chars_per_file > 0, "data.max_chars_per_file must be positive or null")
+    require(len(d.corpus) > 0, "data.corpus is empty")
+    require(d.tokenizer_sample_chars > 0, f"data.tokenizer_sample_chars must be positive, got {d.tokenizer_sample_chars}")
+    require(d.copy_max_mb >= 0, f"data.copy_max_mb must be >= 0, got {d.copy_max_mb}")
+    require(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
+    require(bool(d.text_column), "data.text_column must not be empty")
+    require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    require(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
+    require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    require(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps must be in [0, train.steps], got {t.warmup_steps}")
+    require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    require(t.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 disables), got {t.clip_norm}")
+    require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
     for k in ("log_every", "eval_every", "ckpt_every", "eval_batches"):
-        need(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
-    need(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
+        require(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
+    require(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
 
 
 def save_config(cfg: Config, path: Path) -> None:

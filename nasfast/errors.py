@@ -11,6 +11,12 @@ class UserError(Exception):
     """Bad input from the user: a config, a path, an arch string, a corpus."""
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise ``UserError(message)`` unless ``condition``: one line per check in the config checks."""
+    if not condition:
+        raise UserError(message)
+
+
 def warn(message: str) -> None:
     """One line on stderr that does not stop the command."""
     print(f"nasfast: warning: {message}", file=sys.stderr, flush=True)

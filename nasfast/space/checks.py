@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from nasfast.config import Config, load_config
-from nasfast.errors import UserError
+from nasfast.errors import UserError, require
 from nasfast.kernels.registry import known_backends
 from nasfast.space.alignment import anchor_init_count
 from nasfast.space.samplers import SAMPLERS, WALKS, build_sampler
@@ -27,23 +27,19 @@ def load_run_config(path: Optional[str | Path], overrides: Optional[list[str]] =
 
 def check_config(cfg: Config) -> None:
     """Raise a one-line ``UserError`` for a value no registry knows or a space cannot support."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(msg)
-
     d, t = cfg.data, cfg.train
 
     backends = known_backends()  # the built-ins and any registered backend
-    need(cfg.kernels.backend in backends, f"kernels.backend must be one of {', '.join(backends)}, got '{cfg.kernels.backend}'")
-    need(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
+    require(cfg.kernels.backend in backends, f"kernels.backend must be one of {', '.join(backends)}, got '{cfg.kernels.backend}'")
+    require(cfg.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler.name}'")
     space = build_space(cfg)  # candidate names, head divisibility
     sc, al = cfg.sampler, cfg.align
-    need(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
-    need(al.weight >= 0, f"align.weight must be >= 0, got {al.weight}")
-    need(al.anchor_every > 0, f"align.anchor_every must be positive, got {al.anchor_every}")
+    require(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
+    require(al.weight >= 0, f"align.weight must be >= 0, got {al.weight}")
+    require(al.anchor_every > 0, f"align.anchor_every must be positive, got {al.anchor_every}")
 
-    need(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
-    need(al.anchor_warmup is None or 0 <= al.anchor_warmup < t.steps,
+    require(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
+    require(al.anchor_warmup is None or 0 <= al.anchor_warmup < t.steps,
          f"align.anchor_warmup must be null or in [0, train.steps={t.steps}), got {al.anchor_warmup}")
     try:
         is_best = anchor_init_count(al.anchor_init) is not None
@@ -52,7 +48,7 @@ def check_config(cfg: Config) -> None:
     if al.anchor_init not in ("largest", "random") and not is_best:
         space.parse(al.anchor_init)  # raises UserError naming the problem
     if SAMPLERS[sc.name].aligns:
-        need(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
+        require(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
                                   "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")
 
     try:  # what a sampler itself requires of the space (e.g. MAGIC-T: two candidates to move between)
