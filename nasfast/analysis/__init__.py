@@ -7,4 +7,7 @@
 - ``interference``: gradient similarity of a shared operator across children (the paper's observations);
 - ``archlist``: reading, writing and stratified sampling of architecture lists;
 - ``plots``: matplotlib figures for the above.
+
+May import the leaves, kernels, space, data and training's building blocks (checkpointer, optim,
+metrics); never the training loop (trainer, runfolder), engines, nas or cli (tests/test_layout.py).
 """
