@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import warnings
 
@@ -21,7 +22,8 @@ MOVED = {
     "supernet": "space.supernet", "trainer": "training.trainer", "zero_child": "engines.zero_child",
 }
 # nasfast.space, nasfast.data and nasfast.cli are packages now; their old module contents moved to
-# nasfast.space.searchspace, nasfast.data.blocks and nasfast.cli.app. nasfast.checkpoint was split
+# nasfast.space.searchspace, nasfast.data.blocks and nasfast.cli.app (the first two forward their old
+# names with forward_old_names below; nasfast.cli keeps main). nasfast.checkpoint was split
 # (atomic writes -> nasfast.files, RNG state -> nasfast.rng, raw load -> training.checkpointer).
 
 
@@ -45,3 +47,19 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.append(_MovedModuleFinder())
+
+
+def forward_old_names(package: str, module: str) -> object:
+    """A package's ``__getattr__`` for the names its old same-named module had (PEP 562):
+    ``from nasfast.space import SearchSpace`` still works for one release, with a warning."""
+    def __getattr__(name: str):
+        if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+            raise AttributeError(name)  # a submodule: let the import system load it
+        target = importlib.import_module(module)
+        if not hasattr(target, name):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(f"{package}.{name} moved to {module}.{name}; the old path is removed in nasfast 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(target, name)
+
+    return __getattr__

@@ -169,3 +169,12 @@ def test_old_module_paths_still_import_for_one_release():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.splitlines() == ["nasfast.supernet moved to nasfast.space.supernet; the old path is removed in nasfast 0.3",
                                        "True nasfast.kernels.registry"], out.stderr
+
+
+def test_old_names_of_the_space_and_data_modules_still_import():
+    code = ("import warnings; warnings.simplefilter('ignore', DeprecationWarning)\n"
+            "from nasfast.space import SearchSpace; from nasfast.data import build_corpus\n"
+            "from nasfast.space import supernet\n"  # a submodule stays a submodule
+            "print(SearchSpace.__module__, build_corpus.__module__, supernet.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["nasfast.space.searchspace", "nasfast.data.blocks", "nasfast.space.supernet"], out.stderr
