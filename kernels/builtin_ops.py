@@ -122,18 +122,30 @@ def _attention_inputs(spec, rnd, gen):
                     ["o", "dq", "dk", "dv"])
 
 
-register_op(FusedOp(
-    "attention", reference.attention, _attention_inputs, lambda spec: ["q", "k", "v"],
+# Shapes and cases both attention ops are judged on (qkv_attention reads the same q/k/v packed in one
+# [B, T, 3H] tensor); each op adds its own last regression and examples.
+_ATTENTION_CASES = dict(
     masked=True,
-    dims=lambda s: f"B{s.B} h{s.heads} T{s.T} dh{s.dh}",
     search=dict(heads=(1, 2, 3), dh=HEAD_DIMS),
     layout_base=dict(B=2, heads=3, T=13, dh=17, mask="mixed"),
-    regressions=(dict(B=2, heads=2, T=7, dh=16, scale=5.0, mask="first"),
-                 dict(B=2, heads=2, T=7, dh=16, scale=30.0),  # saturated softmax
-                 dict(B=3, heads=1, T=5, dh=8, mask="mixed", mask_dtype=torch.int32)),
-    examples=(dict(B=3, heads=2, T=37, dh=24, mask="mixed"), dict(B=2, heads=3, T=7, dh=16),
-              dict(B=3, heads=1, T=7, dh=12, mask="mixed")),
-    bench=lambda s: (dict(B=s["B"], heads=s["heads"], T=s["T"], dh=s["H"] // s["heads"], mask="lengths"),
+)
+_ATTENTION_REGRESSIONS = (dict(B=2, heads=2, T=7, dh=16, scale=5.0, mask="first"),
+                          dict(B=2, heads=2, T=7, dh=16, scale=30.0))  # saturated softmax
+_ATTENTION_EXAMPLES = (dict(B=3, heads=2, T=37, dh=24, mask="mixed"), dict(B=2, heads=3, T=7, dh=16),
+                       dict(B=3, heads=1, T=7, dh=12, mask="mixed"))
+
+
+def _attention_bench(s: dict) -> dict:
+    return dict(B=s["B"], heads=s["heads"], T=s["T"], dh=s["H"] // s["heads"], mask="lengths")
+
+
+register_op(FusedOp(
+    "attention", reference.attention, _attention_inputs, lambda spec: ["q", "k", "v"],
+    dims=lambda s: f"B{s.B} h{s.heads} T{s.T} dh{s.dh}",
+    **_ATTENTION_CASES,
+    regressions=(*_ATTENTION_REGRESSIONS, dict(B=3, heads=1, T=5, dh=8, mask="mixed", mask_dtype=torch.int32)),
+    examples=_ATTENTION_EXAMPLES,
+    bench=lambda s: (_attention_bench(s),
                      f"q[{s['B']},{s['heads']},{s['T']},{s['H'] // s['heads']}] masked"),
     allowance=attention_rounding_allowance,  # softmax rounding at large scores, the same for every backend
 ))
@@ -210,16 +222,11 @@ def _qkv_attention_allowance(case):
 
 register_op(FusedOp(
     "qkv_attention", reference.qkv_attention, _qkv_attention_inputs, lambda spec: ["qkv"],
-    masked=True,
     dims=lambda s: f"B{s.B} T{s.T} h{s.heads} dh{s.dh}",
-    search=dict(heads=(1, 2, 3), dh=HEAD_DIMS),
-    layout_base=dict(B=2, heads=3, T=13, dh=17, mask="mixed"),
-    regressions=(dict(B=2, heads=2, T=7, dh=16, scale=5.0, mask="first"),
-                 dict(B=2, heads=2, T=7, dh=16, scale=30.0),  # saturated softmax
-                 dict(B=3, heads=1, T=1, dh=8, mask="mixed")),
-    examples=(dict(B=3, heads=2, T=37, dh=24, mask="mixed"), dict(B=2, heads=3, T=7, dh=16),
-              dict(B=3, heads=1, T=7, dh=12, mask="mixed"), dict(B=2, heads=4, T=70, dh=8, mask="mixed")),
-    bench=lambda s: (dict(B=s["B"], heads=s["heads"], T=s["T"], dh=s["H"] // s["heads"], mask="lengths"),
+    **_ATTENTION_CASES,
+    regressions=(*_ATTENTION_REGRESSIONS, dict(B=3, heads=1, T=1, dh=8, mask="mixed")),
+    examples=(*_ATTENTION_EXAMPLES, dict(B=2, heads=4, T=70, dh=8, mask="mixed")),
+    bench=lambda s: (_attention_bench(s),
                      f"qkv[{s['B']},{s['T']},{3 * s['H']}] h={s['heads']} masked"),
     allowance=_qkv_attention_allowance,
 ))
