@@ -6,6 +6,13 @@ import platform
 import re
 import sys
 
+from nasfast.allocator import tune_malloc
+
+# Every benchmark imports this module: tune glibc malloc as the nasfast CLI does (large tensors kept in
+# the heap, not page-faulted in afresh per allocation), so eager, transformers and nasfast rows alike run
+# the way a user's `nasfast ...` job runs. NASFAST_MALLOC_TUNE=0 measures without.
+MALLOC_TUNED = tune_malloc()
+
 
 def _cpuinfo() -> tuple[str, list[str]]:
     try:
@@ -30,6 +37,7 @@ def describe() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "malloc_tuned": MALLOC_TUNED,  # nasfast.allocator.tune_malloc
         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a shared machine is noisy
         "python": sys.version.split()[0],
         "platform": platform.platform(),

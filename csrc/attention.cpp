@@ -19,7 +19,7 @@
 namespace nasfast {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQ = 128;
 
 template <typename T>
 struct Heads {  // a [B, h, T, dh] tensor with unit stride on dh

@@ -1,18 +1,21 @@
 // Shared helpers for the nasfast C++ CPU ops: vector GELU, deterministic chunked reductions,
 // counter-based dropout hash, and a row-major GEMM that calls the BLAS linked into libtorch_cpu.
 //
-// Compiled with -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma when the build machine
-// has AVX2+FMA (see nasfast/native.py), otherwise with CPU_CAPABILITY=DEFAULT (at::vec's portable
-// scalar-array fallback). Everything is templated on scalar_t in {float, double}; bf16/fp16 are
+// Compiled with torch's own AVX512 flags (-DCPU_CAPABILITY_AVX512 -mavx512f/bw/vl/dq -mfma) where
+// torch runs AVX512 kernels, with -DCPU_CAPABILITY_AVX2 -mavx2 -mfma where it runs AVX2 ones (see
+// kernels/native.py), otherwise with CPU_CAPABILITY=DEFAULT (at::vec's portable scalar fallback). Everything is templated on scalar_t in {float, double}; bf16/fp16 are
 // upcast in Python.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX2)
 // Call SLEEF's AVX2 exp directly rather than through its runtime-dispatch entry point.
 #define Sleef_expf8_u10 Sleef_expf8_u10avx2
+#elif defined(CPU_CAPABILITY_AVX512)
+#define Sleef_expf16_u10 Sleef_expf16_u10avx512f
 #endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 

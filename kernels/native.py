@@ -9,7 +9,8 @@ Environment:
 - ``NASFAST_CSRC``: the C++ sources (default ``nasfast/csrc``: the checkout's ``csrc/`` or the wheel's copy).
 - ``NASFAST_BUILD_DIR``: build cache (default ``$TORCH_EXTENSIONS_DIR/nasfast`` if set, else
   ``~/.cache/nasfast``), one sub-directory per torch version / CPU capability / source content.
-- ``NASFAST_NATIVE_ARCH=default``: build without AVX2/FMA even where the CPU has them.
+- ``NASFAST_NATIVE_ARCH=avx2|default``: build for at most that ISA (default: the widest torch uses here,
+  AVX512, AVX2+FMA or portable).
 - ``NASFAST_NATIVE_VERBOSE=1``: show the compiler output.
 - ``NASFAST_NATIVE_GEMM=aten``: attention GEMMs through ATen instead of the BLAS in libtorch_cpu.
 
@@ -46,14 +47,30 @@ def _sources_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"  # kernels/native.py -> csrc/ beside kernels/
 
 
+_ARCH_FLAGS = {
+    # the flags torch builds its own AVX512 / AVX2 kernels with, so at::vec picks the same code paths
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
 def _arch() -> str:
-    """'avx2' where the CPU (as torch sees it) has AVX2+FMA, else 'default' (portable)."""
-    if os.environ.get("NASFAST_NATIVE_ARCH", "").lower() == "default":
-        return "default"
+    """The widest vector ISA torch itself uses on this CPU ('avx512', 'avx2'), else 'default'.
+
+    ``NASFAST_NATIVE_ARCH`` (avx512 | avx2 | default) caps it: a build never uses more than the CPU has.
+    """
+    order = ["default", "avx2", "avx512"]
+    found = "default"
     if platform.machine().lower() in ("x86_64", "amd64"):
-        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-            return "avx2"
-    return "default"
+        found = {"AVX2": "avx2", "AVX512": "avx512"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    cap = os.environ.get("NASFAST_NATIVE_ARCH", "").lower()
+    if cap:
+        if cap not in order:
+            raise ValueError(f"NASFAST_NATIVE_ARCH must be one of {order}, got {cap!r}")
+        found = order[min(order.index(found), order.index(cap))]
+    return found
 
 
 def _build_dir(arch: str, src: Path) -> Path:
@@ -113,11 +130,7 @@ def _build() -> str:
     if not sources:
         raise RuntimeError(f"C++ sources not found in {src} (set NASFAST_CSRC to the csrc/ folder)")
     arch = _arch()
-    cflags = ["-O3", "-fopenmp", "-Wno-c++20-extensions", "-Wno-unused-function"]
-    if arch == "avx2":
-        cflags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    else:
-        cflags += ["-DCPU_CAPABILITY=DEFAULT"]
+    cflags = ["-O3", "-fopenmp", "-Wno-c++20-extensions", "-Wno-unused-function", *_ARCH_FLAGS[arch]]
     build_dir = _build_dir(arch, src)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(build_dir):

@@ -11,8 +11,8 @@ from pathlib import Path
 import nasfast
 
 PACKAGE = Path(nasfast.__file__).parent
-LEAVES = ("nasfast.config", "nasfast.errors", "nasfast.files", "nasfast.rng", "nasfast.faults", "nasfast.device",
-          "nasfast.distributed")
+LEAVES = ("nasfast.allocator", "nasfast.config", "nasfast.errors", "nasfast.files", "nasfast.rng", "nasfast.faults",
+          "nasfast.device", "nasfast.distributed")
 LOOP = ("nasfast.training.trainer", "nasfast.training.runfolder")  # the loop and the run folder it owns
 
 # The layering rule, written once: a module under the key may not import anything under these prefixes.

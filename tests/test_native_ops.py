@@ -304,3 +304,49 @@ def test_build_folder_follows_the_source_content(native, tmp_path):
     first = sorted(copy.glob("*.cpp"))[0]
     first.write_text(first.read_text() + "\n// edited\n")
     assert native._build_dir("avx2", copy) != native._build_dir("avx2", src)
+
+
+def test_native_arch_env_caps_the_build_isa(native, monkeypatch):
+    widest = {"AVX2": "avx2", "AVX512": "avx512"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    monkeypatch.delenv("NASFAST_NATIVE_ARCH", raising=False)
+    assert native._arch() in (widest, "default")  # default only off x86
+    monkeypatch.setenv("NASFAST_NATIVE_ARCH", "default")
+    assert native._arch() == "default"
+    monkeypatch.setenv("NASFAST_NATIVE_ARCH", "avx512")  # a cap never raises the ISA above the CPU's
+    assert native._arch() in (widest, "default")
+    monkeypatch.setenv("NASFAST_NATIVE_ARCH", "sse9")
+    with pytest.raises(ValueError, match="NASFAST_NATIVE_ARCH"):
+        native._arch()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["avx2", "default"])
+def test_narrower_isa_builds_compute_what_the_widest_build_computes(native, arch, tmp_path):
+    """Each ISA is its own build (own folder, own .so); on the same inputs it must agree with the
+    build this machine uses by default (fp32 within rounding of the vector width, fp64 tighter)."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and arch != "default":
+        pytest.skip("the CPU has no AVX2")
+    code = r"""
+import sys, torch
+from nasfast.kernels import native
+assert native.available(), native.why_unavailable()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(37, 203, generator=g); b = torch.randn(203, generator=g); gy = torch.randn(37, 203, generator=g)
+qkv = torch.randn(3, 77, 3 * 40, generator=g); go = torch.randn(3, 77, 40, generator=g)
+mask = torch.ones(3, 77, dtype=torch.bool); mask[1, 50:] = False
+out = {"arch": native._arch(), "gelu": torch.ops.nasfast.bias_gelu_fwd(x, b),
+       "gelu_bwd": torch.ops.nasfast.bias_gelu_bwd(gy, x, b)[0],
+       "att": torch.ops.nasfast.attention_qkv_fwd(qkv, 5, mask)[0],
+       "att_bwd": torch.ops.nasfast.attention_qkv_bwd(go, qkv, 5, mask)}
+torch.save(out, sys.argv[1])
+"""
+    results = {}
+    for label, env_arch in (("widest", ""), (arch, arch)):
+        env = {**os.environ, "NASFAST_NATIVE_ARCH": env_arch}
+        path = tmp_path / f"{label}.pt"
+        r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[label] = torch.load(path)
+    assert results[arch]["arch"] == arch
+    for key in ("gelu", "gelu_bwd", "att", "att_bwd"):
+        torch.testing.assert_close(results[arch][key], results["widest"][key], rtol=2e-5, atol=2e-6)

@@ -10,6 +10,7 @@ from typing import Optional
 
 from nasfast.cli import analysis as cli_analysis
 from nasfast.cli import nas as cli_nas
+from nasfast.allocator import tune_malloc
 from nasfast.cli.common import COMMANDS, command, quiet_libraries
 from nasfast.errors import BUG_REPORT, UserError
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    tune_malloc()  # large CPU tensors reused from the heap, not page-faulted in per allocation
     try:
         parser = build_parser()
         args = parser.parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))

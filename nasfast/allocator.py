@@ -1,0 +1,41 @@
+"""Keep large CPU tensors in malloc's heap instead of fresh mmaps (glibc only).
+
+PyTorch's CPU allocator is plain ``malloc``. glibc serves a request above ``M_MMAP_THRESHOLD``
+(dynamic, at most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, so every
+activation or gradient of that size is page-faulted in again each time it is allocated: a
+[4096, 2048] fp32 FFN activation (B=32, T=128, H=512) is 33.5 MB, and that first touch cost ~11% of
+an H=512 training step on 2 cores (benchmarks/results/vs_transformers.md). Pinning the mmap
+threshold at 1 GiB and the trim threshold at 2 GiB makes the heap keep and reuse such blocks, the
+effect Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc. The price: memory freed by
+a run stays with the process (its RSS is the peak, not the current, use).
+
+Process-wide, so it is applied by the entry points (the CLI, the benchmarks), never at import.
+``NASFAST_MALLOC_TUNE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = (1 << 31) - 1
+_APPLIED: dict = {}
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap/trim thresholds once per process; True if they are in effect."""
+    if "ok" in _APPLIED:
+        return _APPLIED["ok"]
+    ok = False
+    if os.environ.get("NASFAST_MALLOC_TUNE", "1") != "0" and platform.system() == "Linux":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt  # absent from musl: AttributeError
+            ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        except (OSError, AttributeError):
+            ok = False
+    _APPLIED["ok"] = ok
+    return ok
