@@ -32,6 +32,11 @@ VARIANTS = {
     "magic-a (no prefix sharing)": ["align.prefix_sharing=false"],
     "magic": [],
     "magic (no prefix sharing)": ["align.prefix_sharing=false"],
+    # where the cost goes: without the amortised anchor challenge (scores two children every anchor_every)
+    "magic-a (no challenge)": ["align.anchor_every=1000000000"],
+    # the anchor's no-grad forward under bf16 autocast (align.anchor_precision=bf16)
+    "magic-a (bf16 anchor)": ["align.anchor_precision=bf16"],
+    "magic (bf16 anchor)": ["align.anchor_precision=bf16"],
 }
 
 

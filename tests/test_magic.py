@@ -105,6 +105,46 @@ def test_prefix_sharing_equals_naive_two_forward(micro_space, child, anchor):
             assert torch.equal(ga[name], gb[name]), name
 
 
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_bf16_anchor_rounds_only_the_target(micro_space, backend):
+    """align.anchor_precision=bf16: the child's forward and MLM loss are untouched (bitwise), the target
+    is the fp32 anchor's up to bf16 rounding, and the anchor still gets no gradient."""
+    if backend == "native":
+        import nasfast.kernels.native as native
+
+        if not native.available():
+            pytest.skip(f"native backend unavailable: {native.why_unavailable()}")
+    child, anchor = (0, 2, 3), (1, 2, 4)
+    batch = batch_for(2)
+    outs = {}
+    for bf16 in (False, True):
+        net = make(micro_space)
+        net.set_backend(backend)
+        out = aligned_forward(net, batch, child, anchor, layer_seed=5, anchor_bf16=bf16)
+        out.align_loss.backward()
+        outs[bf16] = (out, grads(net))
+    (f32, g32), (b16, g16) = outs[False], outs[True]
+    assert torch.equal(f32.mlm_loss, b16.mlm_loss)
+    assert b16.align_loss.dtype == torch.float32 and b16.align_loss != f32.align_loss  # autocast did run
+    torch.testing.assert_close(b16.align_loss, f32.align_loss, rtol=5e-2, atol=0)
+    for name, g in g32.items():
+        assert (g is None) == (g16[name] is None), name
+        if g is not None:  # d(align)/d(child) = 2 (h - target) / n: only the target moved, by bf16 rounding
+            torch.testing.assert_close(g16[name], g, rtol=0.1, atol=0.05 * float(g.abs().max()) + 1e-12)
+    for layer, cand in ((0, 1), (2, 4)):
+        assert all(g16[n] is None for n, _ in net.layers[layer][cand].named_parameters(
+            prefix=f"layers.{layer}.{cand}"))
+
+
+def test_anchor_precision_is_checked(micro_config):
+    from nasfast.errors import UserError
+    from nasfast.space.checks import check_config
+
+    micro_config.align.anchor_precision = "fp8"
+    with pytest.raises(UserError, match="align.anchor_precision must be fp32 or bf16"):
+        check_config(micro_config)
+
+
 class DriftingScores:
     """Child quality q(arch) is fixed, but every score also falls as the supernet trains (a drift per
     optimizer step), as dev losses do. A score cached at install time goes stale under this drift."""

@@ -68,6 +68,6 @@ def child_loss(model, cfg: Config, arch: Arch, batch: dict, layer_seed: int, anc
         loss = model(batch["input_ids"], batch["attention_mask"], arch, batch["labels"], layer_seed).loss
         extras = {"mlm_loss": float(loss.detach()), "align_loss": 0.0} if SAMPLERS[sc.name].aligns else {}
         return loss, extras  # no anchor (yet): MAGIC-A's warm-up trains plain MLM
-    out = aligned_forward(model, batch, arch, anchor, layer_seed, al.prefix_sharing)
+    out = aligned_forward(model, batch, arch, anchor, layer_seed, al.prefix_sharing, al.anchor_precision == "bf16")
     return out.mlm_loss + al.weight * out.align_loss, {"mlm_loss": float(out.mlm_loss.detach()),
                                                              "align_loss": float(out.align_loss.detach())}

@@ -31,8 +31,13 @@ class AlignedOutput:
     num_masked: int
 
 
-def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: Optional[int], prefix_sharing: bool = True) -> AlignedOutput:
-    """Child forward with grad, anchor forward under no_grad sharing the child's common prefix."""
+def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: Optional[int], prefix_sharing: bool = True,
+                    anchor_bf16: bool = False) -> AlignedOutput:
+    """Child forward with grad, anchor forward under no_grad sharing the child's common prefix.
+
+    ``anchor_bf16``: the anchor's layers run under bf16 autocast and their outputs are cast back to the
+    child's dtype for the loss (a faster, bf16-rounded target; the child's forward is unchanged).
+    """
     mask = batch["attention_mask"].bool()
     embedded = model.embed(batch["input_ids"], layer_seed)
     hidden = model.run_layers(embedded, mask, child, layer_seed=layer_seed)
@@ -45,7 +50,10 @@ def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: O
             anchor_input = (hidden[start - 1] if start else embedded).detach()
         else:
             anchor_input = model.embed(batch["input_ids"], layer_seed)
-        anchor_hidden = model.run_layers(anchor_input, mask, anchor, start=start, layer_seed=layer_seed)
+        with torch.autocast(anchor_input.device.type, dtype=torch.bfloat16, enabled=anchor_bf16):
+            anchor_hidden = model.run_layers(anchor_input, mask, anchor, start=start, layer_seed=layer_seed)
+        if anchor_bf16:
+            anchor_hidden = [h.to(hidden[0].dtype) for h in anchor_hidden]
     align_mask = None if bool(mask.all()) else mask  # unpadded blocks (pretraining): the cheaper unmasked path
     align = model.ops.alignment_loss(hidden[start:], anchor_hidden, align_mask)
     return AlignedOutput(out.loss, align, out.num_masked)

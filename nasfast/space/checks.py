@@ -37,6 +37,8 @@ def check_config(cfg: Config) -> None:
     require(1 <= sc.k <= space.num_layers, f"sampler.k must be in [1, space.layers={space.num_layers}], got {sc.k}")
     require(al.weight >= 0, f"align.weight must be >= 0, got {al.weight}")
     require(al.anchor_every > 0, f"align.anchor_every must be positive, got {al.anchor_every}")
+    require(al.anchor_precision in ("fp32", "bf16"),
+            f"align.anchor_precision must be fp32 or bf16, got {al.anchor_precision!r}")
 
     require(sc.walk in WALKS, f"sampler.walk must be one of {', '.join(WALKS)}, got '{sc.walk}'")
     require(al.anchor_warmup is None or 0 <= al.anchor_warmup < t.steps,
