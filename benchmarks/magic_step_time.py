@@ -40,6 +40,10 @@ VARIANTS = {
 }
 
 
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -48,8 +52,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="config override for every variant")
     parser.add_argument("--backends", default="eager", help="comma-separated kernels.backend values, timed side by side")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--name", default="magic_step_time", help="results file stem")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "spos" not in chosen:
+        parser.error("--variants must include spos (every ratio is against it)")
 
     import datasets
 
@@ -61,7 +73,8 @@ def main() -> None:
     trainers, times = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
-            for variant, extra in VARIANTS.items():
+            for variant in chosen:
+                extra = VARIANTS[variant]
                 name = f"{variant} [{backend}]" if len(backends) > 1 else variant
                 sampler = variant.split(" ")[0]
                 cfg = load_config(args.config, ["align.anchor_warmup=0", *args.set, f"kernels.backend={backend}",
@@ -94,20 +107,22 @@ def main() -> None:
         rows.append({
             "variant": name, "backend": backend_of[name], "median_s": med, "p20_s": q[0], "p80_s": q[3],
             "mean_s": statistics.fmean(ts), "ratio_vs_spos": med / spos[backend_of[name]],
-            "ratio_vs_same_children": med / base_of[(same_children.get(name.split(" ")[0], name.split(" ")[0]), backend_of[name])],
+            "ratio_vs_same_children": (med / base) if (base := base_of.get(
+                (same_children.get(name.split(" ")[0], name.split(" ")[0]), backend_of[name]))) else None,
             "speedup_vs_eager_spos": (eager_spos / med) if eager_spos else None, "steps": len(ts),
         })
     result = {"command": command_line(), "machine": describe(), "config": args.config, "overrides": args.set,
               "anchor_every": next(iter(anchor_every.values())), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "magic_step_time.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Training-step time: MAGIC variants vs SPOS",
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['logical_cpus']} cores, torch {result['machine']['torch']}"
         f" ({result['machine']['torch_threads']} threads)  ",
+        f"Config: `{args.config}`, overrides {args.set or 'none'} (+ align.anchor_warmup=0).  ",
         f"Anchor challenge every {result['anchor_every']} steps (amortised in the step times).",
         "",
         "Ratio vs spos: against spos on the same backend. Speed-up: eager spos step time / this step time.",
@@ -121,8 +136,8 @@ def main() -> None:
     for r in rows:
         speed = f"{r['speedup_vs_eager_spos']:.2f}" if r["speedup_vs_eager_spos"] else "—"
         lines.append(f"| {r['variant']} | {r['backend']} | {r['median_s']:.3f} | {r['p20_s']:.3f}–{r['p80_s']:.3f} "
-                     f"| {r['ratio_vs_spos']:.2f} | {r['ratio_vs_same_children']:.2f} | {speed} |")
-    (out / "magic_step_time.md").write_text("\n".join(lines) + "\n")
+                     f"| {r['ratio_vs_spos']:.2f} | {_fmt(r['ratio_vs_same_children'])} | {speed} |")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

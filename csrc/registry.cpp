@@ -17,6 +17,8 @@ TORCH_LIBRARY(nasfast, m) {
   m.def("add_dropout_layernorm_bwd(Tensor grad, Tensor x, Tensor residual, Tensor weight, "
         "Tensor mean, Tensor rstd, float p, Tensor? keep_mask, int seed) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // x * keep / (1 - p), keep from keep_mask or the same counter hash; also its own backward.
+  m.def("dropout_apply(Tensor x, float p, Tensor? keep_mask, int seed) -> Tensor");
   // The dropout keep pattern the fused op uses for (shape, p, seed), as a bool tensor (tests).
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &nasfast::dropout_keep_mask);

@@ -230,3 +230,41 @@ register_op(FusedOp(
                      f"qkv[{s['B']},{s['T']},{3 * s['H']}] h={s['heads']} masked"),
     allowance=_qkv_attention_allowance,
 ))
+
+
+# --------------------------------------------------------------------------------------- dropout
+# The embeddings' dropout (after their LayerNorm). Registered last: the other ops' cases keep their
+# identities.
+def _dropout_inputs(spec, rnd, gen):
+    shape = _rows(spec)
+    values, diff = [rnd(*shape, scale=spec.scale)], [True]
+    p, training = spec.dropout, spec.training
+    if p > 0:  # an explicit keep mask: every backend drops the same positions
+        values.append(torch.rand(*shape, generator=gen) >= p)
+        diff.append(False)
+
+        def call(ops, x, keep):
+            return ops.dropout(x, p, training, keep)
+    else:
+        def call(ops, x):
+            return ops.dropout(x, 0.0, training)
+    return OpInputs(values, diff, call, ["y", "dx"])
+
+
+def _dropout_bench(s):
+    p = s["dropout"]
+    shape = f"x[{s['B']},{s['T']},{s['H']}] p={p:g}"
+    if s["keep_mask"]:
+        return dict(B=s["B"], T=s["T"], H=s["H"], dropout=p), shape
+    return dict(B=s["B"], T=s["T"], H=s["H"]), shape, lambda ops, x: ops.dropout(x, p, True)
+
+
+register_op(FusedOp(
+    "dropout", reference.dropout, _dropout_inputs,
+    lambda spec: ["x"] + (["keep_mask"] if spec.dropout > 0 else []),
+    search=dict(dropout=(0.0, 0.1, 0.5)),
+    layout_base=dict(B=2, T=3, H=40, dropout=0.25),
+    examples=(dict(B=3, T=37, H=72, dropout=0.1), dict(B=1, T=7, H=24, flat=True, dropout=0.3),
+              dict(B=2, T=5, H=48, dropout=0.3, training=False)),
+    bench=_dropout_bench,
+))

@@ -73,8 +73,8 @@ class CaseSpec:
     scale: float = 1.0             # magnitude of the data inputs (x, residual, q, k, v, hiddens)
     mask: Optional[str] = None     # one of MASKS (ops with a token mask)
     mask_dtype: torch.dtype = torch.bool
-    dropout: float = 0.0           # add_dropout_layernorm: p of an explicit keep mask
-    training: bool = True          # add_dropout_layernorm: False = eval mode (dropout off, mask ignored)
+    dropout: float = 0.0           # add_dropout_layernorm, dropout: p of an explicit keep mask
+    training: bool = True          # add_dropout_layernorm, dropout: False = eval mode (dropout off, mask ignored)
     flat: bool = False             # row-wise ops: x as [B*T, H] (2-D) instead of [B, T, H]
     layouts: Tuple[str, ...] = ()  # per tensor argument (see arg_names); missing ones: contiguous
     grad_layout: str = "contiguous"

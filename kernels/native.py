@@ -19,7 +19,7 @@ call ``torch.ops.nasfast.*`` and save tensors), then the functions with the refe
 signatures (``linear`` is ATen's GEMMs with a GEMV bias gradient, no C++ of its own). fp32 and
 fp64 run natively; other floating dtypes are computed in fp32 and cast back. Longer than 400 lines
 because the backend is this one module (the registry reads its op functions by name), and each of
-its seven ops needs its autograd.Function beside the function that calls it.
+its eight ops needs its autograd.Function beside the function that calls it.
 """
 from __future__ import annotations
 
@@ -188,6 +188,7 @@ def _register_fakes() -> None:
         return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
     once("bias_gelu_fwd", lambda x, bias: new(x))
+    once("dropout_apply", lambda x, p, keep_mask, seed: new(x))
     once("bias_gelu_bwd", lambda grad, x, bias: (new(x), new(bias, (x.shape[-1],))))
     once("add_dropout_layernorm_fwd",
          lambda x, residual, weight, bias, p, keep_mask, seed, eps: (new(x), new(x, (rows(x),)), new(x, (rows(x),))))
@@ -268,6 +269,23 @@ class _AddDropoutLayerNorm(torch.autograd.Function):
             _as(grad, xc.dtype), xc, rc, wc, mean, rstd, ctx.p, keep_mask, ctx.seed
         )
         return (*(_as(g, d) for g, d in zip(grads, ctx.dtypes)), None, None, None, None)
+
+
+class _Dropout(torch.autograd.Function):
+    """Forward and backward are the same C++ map (same pattern): nothing is saved but the keep mask."""
+
+    @staticmethod
+    def forward(ctx, x, p, keep_mask, seed):
+        cd = _compute_dtype(x)
+        ctx.p, ctx.seed, ctx.dtype = p, seed, x.dtype
+        ctx.save_for_backward(keep_mask)
+        return _as(torch.ops.nasfast.dropout_apply(_as(x, cd), p, keep_mask, seed), x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep_mask,) = ctx.saved_tensors
+        dx = torch.ops.nasfast.dropout_apply(_as(grad, _compute_dtype(grad)), ctx.p, keep_mask, ctx.seed)
+        return _as(dx, ctx.dtype), None, None, None
 
 
 class _DwconvBiasGelu(torch.autograd.Function):
@@ -400,6 +418,17 @@ def add_dropout_layernorm(
     if p == 0.0:
         keep_mask = None
     return _AddDropoutLayerNorm.apply(x, residual, weight, bias, p, keep_mask, seed, float(eps))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, keep_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverted dropout; without ``keep_mask`` the pattern is the counter hash of
+    :func:`add_dropout_layernorm` (seed from torch's default generator), not torch's bernoulli draw."""
+    _require()
+    p = float(p) if (training and p > 0.0) else 0.0
+    if p == 0.0:
+        return x
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item()) if keep_mask is None else 0
+    return _Dropout.apply(x, p, keep_mask, seed)
 
 
 def dwconv_bias_gelu(

@@ -39,6 +39,19 @@ def add_dropout_layernorm(
     return F.layer_norm(residual + x, (x.shape[-1],), weight, bias, eps)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool, keep_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverted dropout ``x * keep / (1 - p)`` (the embeddings' dropout).
+
+    ``keep_mask`` (bool, x's shape) fixes the pattern; without it this is ``F.dropout`` (torch's RNG,
+    exactly what ``nn.Dropout`` runs). Eval mode or p == 0 returns x itself.
+    """
+    if not training or p == 0.0:
+        return x
+    if keep_mask is None:
+        return F.dropout(x, p, training=True)
+    return x * keep_mask.to(x.dtype) / (1.0 - p)
+
+
 def dwconv_bias_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_mask: Optional[torch.Tensor]
 ) -> torch.Tensor:

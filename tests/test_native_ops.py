@@ -155,6 +155,29 @@ def test_dropout_deterministic_and_keep_rate(native):
     assert abs((a[1:] * a[:-1]).mean().item()) < 0.002 and abs((a[:, 1:] * a[:, :-1]).mean().item()) < 0.002
 
 
+def test_plain_dropout_hash_path_matches_reference_with_same_mask(native):
+    """ops.dropout without a keep mask: fwd and bwd drop exactly the hashed pattern (the reference given
+    that pattern), the backward reuses the forward's pattern, and torch.manual_seed reproduces it."""
+    spec = cases.CaseSpec("dropout", B=3, T=37, H=72, dropout=0.3, seed=4)
+    seed = 4242
+    case = cases.build(spec)
+    case.values[1] = torch.ops.nasfast.dropout_keep_mask(spec.B * spec.T, spec.H, spec.dropout, seed).view(3, 37, 72)
+
+    def hashed(x, p, training, keep):  # the C++ op hashes its own pattern; ``keep`` is for eager
+        return native._Dropout.apply(x, p, None, seed)
+
+    judge(spec, types.SimpleNamespace(dropout=hashed), case)
+    x = torch.randn(50, 33, 96, requires_grad=True)
+    torch.manual_seed(3)
+    y1 = native.dropout(x, 0.25, True)
+    y1.backward(torch.ones_like(y1))
+    torch.manual_seed(3)
+    assert torch.equal(native.dropout(x, 0.25, True), y1)
+    assert torch.equal(x.grad != 0, y1 != 0)  # the gradient flows exactly where the forward kept
+    assert abs((y1 != 0).double().mean().item() - 0.75) < 0.01
+    assert native.dropout(x, 0.25, False) is x and native.dropout(x, 0.0, True) is x
+
+
 def test_attention_strided_views(native):
     """q, k, v as head-split views of one [B, T, 3, h, dh] projection (no copies needed)."""
     B, T, h, dh = 2, 37, 3, 16

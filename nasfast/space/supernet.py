@@ -30,9 +30,14 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ops=None) -> torch.Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.dropout(self.norm(self.tokens(input_ids) + self.positions(pos)))
+        x = self.norm(self.tokens(input_ids) + self.positions(pos))
+        if ops is None:
+            return self.dropout(x)
+        # the backend's dropout: eager's is F.dropout (what self.dropout runs, bit for bit); native's
+        # a counter-hash pattern (no per-element RNG draw)
+        return ops.dropout(x, self.dropout.p, self.training)
 
 
 class MLMHead(nn.Module):
@@ -112,7 +117,7 @@ class Supernet(_MaskedLM):
     def embed(self, input_ids: torch.Tensor, layer_seed: Optional[int] = None) -> torch.Tensor:
         with rng.isolated(input_ids.device, enabled=layer_seed is not None):
             rng.maybe_seed_layer(layer_seed, -1)
-            return self.embeddings(input_ids)
+            return self.embeddings(input_ids, self.ops)
 
     def run_layers(
         self,
@@ -197,7 +202,7 @@ class StaticModel(_MaskedLM):
         hidden_states = []
         with rng.isolated(input_ids.device, enabled=layer_seed is not None):
             rng.maybe_seed_layer(layer_seed, -1)
-            x = self.embeddings(input_ids)
+            x = self.embeddings(input_ids, self.ops)
             for index, layer in enumerate(self.layers):
                 rng.maybe_seed_layer(layer_seed, index)  # the same dropout draws as the supernet running this child
                 x = layer(x, token_mask, self.ops)
