@@ -115,6 +115,18 @@ def measure(steps: list, rounds: int, per_round: int, warmup: int, probe) -> tup
     return per_round_medians, rates
 
 
+NOTES_MARKER = "<!-- notes below this line are kept when the tables above are regenerated -->"
+
+
+def _kept_notes(md: Path) -> str:
+    """The hand-written analysis after NOTES_MARKER in an existing results file (goals, reasons)."""
+    if not md.exists():
+        return ""
+    text = md.read_text()
+    at = text.find(NOTES_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", default="128,512")
@@ -170,7 +182,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{args.name}.md").write_text(render(result))
+    md = out / f"{args.name}.md"
+    md.write_text(render(result) + _kept_notes(md))
     print(render(result))
     return result
 
