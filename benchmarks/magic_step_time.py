@@ -10,7 +10,15 @@ timed step aligns: with the default warm-up (10% of train.steps, 80 steps for ti
 short timed window would fall inside it and measure plain MLM steps. magic-a trains the same
 children as spos (same sampler and seed) and magic the same as magic-t, so "ratio vs same children"
 isolates the alignment's own cost from the cost of the children each sampler happens to pick.
-Writes benchmarks/results/magic_step_time.{json,md}.
+"no challenge" sets anchor_every past the run (what the amortised challenges cost); "bf16 anchor"
+runs the anchor's forward under bf16 autocast (``align.anchor_precision=bf16``). ``--variants``
+picks a subset (spos always), e.g. for the H=512 table::
+
+    python benchmarks/magic_step_time.py --steps 6 --rounds 3 --warmup 2 --backends eager,native \
+        --variants "spos,magic-a,magic-a (no challenge),magic-a (bf16 anchor)" \
+        --set model.hidden=512 --set "space.candidates=[mha:8, ffn:2048]" --name magic_step_time_h512
+
+Writes benchmarks/results/{--name}.{json,md} (default magic_step_time).
 """
 from __future__ import annotations
 
