@@ -147,7 +147,7 @@ class NasfastModel(NasfastPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         token_mask = None if attention_mask is None else attention_mask.bool()
         ops = self.ops_for(input_ids.device)
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, ops)
         states = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, token_mask, ops)
