@@ -178,6 +178,27 @@ def test_plain_dropout_hash_path_matches_reference_with_same_mask(native):
     assert native.dropout(x, 0.25, False) is x and native.dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("B,T,heads,dh", [(3, 77, 5, 40), (2, 128, 2, 64), (2, 33, 3, 17)])
+def test_saved_probabilities_give_bitwise_the_recomputed_gradients(native, B, T, heads, dh):
+    """attention_qkv_*_p keeps P from the forward instead of recomputing it: outputs and d(qkv) must be
+    bitwise those of the recomputing ops (padding rows, an all-padding sequence, odd sizes)."""
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(B, T, 3 * heads * dh, generator=g) * 2
+    grad = torch.randn(B, T, heads * dh, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, T // 2:] = False
+    mask[-1] = False  # no real key at all: zeros, no gradient
+    out, lse = torch.ops.nasfast.attention_qkv_fwd(qkv, heads, mask)
+    out_p, lse_p, probs = torch.ops.nasfast.attention_qkv_fwd_p(qkv, heads, mask)
+    assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
+    assert probs.shape == (B, heads, T, T) and not probs[-1].any()
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(heads, T, dtype=probs.dtype))
+    assert torch.equal(torch.ops.nasfast.attention_qkv_bwd(grad, qkv, heads, mask),
+                       torch.ops.nasfast.attention_qkv_bwd_p(grad, qkv, probs, heads, mask))
+    # the autograd Function picks the saving path exactly when P is no larger than qkv
+    assert native._saves_probs(qkv, heads) == (T <= 3 * dh)
+
+
 def test_attention_strided_views(native):
     """q, k, v as head-split views of one [B, T, 3, h, dh] projection (no copies needed)."""
     B, T, h, dh = 2, 37, 3, 16
