@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    machine_description()  # imports benchmarks/machine.py, which tunes malloc before anything is timed
+
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to run (the CPU-side parts are tested in tests/test_gpu_suite_cpu.py)")
         return 2

@@ -131,7 +131,8 @@ def main() -> None:
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['logical_cpus']} cores, torch {result['machine']['torch']}"
         f" ({result['machine']['torch_threads']} threads)  ",
         f"Config: `{args.config}`, overrides {args.set or 'none'} (+ align.anchor_warmup=0).  ",
-        f"Anchor challenge every {result['anchor_every']} steps (amortised in the step times).",
+        f"Anchor challenge every {result['anchor_every']} steps (amortised in the step times; never in the"
+        " no-challenge rows).",
         "",
         "Ratio vs spos: against spos on the same backend. Speed-up: eager spos step time / this step time.",
         "",

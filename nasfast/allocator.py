@@ -9,8 +9,12 @@ threshold at 1 GiB and the trim threshold at 2 GiB makes the heap keep and reuse
 effect Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc. The price: memory freed by
 a run stays with the process (its RSS is the peak, not the current, use).
 
-Process-wide, so it is applied by the entry points (the CLI, the benchmarks), never at import.
-``NASFAST_MALLOC_TUNE=0`` turns it off.
+glibc before 2.35 or so rejects an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2); there the
+fallback is ``M_MMAP_MAX = 0`` (no mmap-served blocks at all), which every glibc accepts. An
+LD_PRELOADed jemalloc/tcmalloc leaves glibc's ``mallopt`` without effect; that allocator then decides.
+
+Process-wide, so it is applied by the entry points (the CLI, the benchmarks), never by importing
+nasfast. ``NASFAST_MALLOC_TUNE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import ctypes.util
 import os
 import platform
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1
 _APPLIED: dict = {}
@@ -34,8 +38,12 @@ def tune_malloc() -> bool:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = libc.mallopt  # absent from musl: AttributeError
-            ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-        except (OSError, AttributeError):
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            trimmed = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            # 1 GiB where glibc accepts it, else no mmap-served blocks at all
+            kept = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) or bool(mallopt(_M_MMAP_MAX, 0))
+            ok = trimmed and kept
+        except (OSError, AttributeError, ctypes.ArgumentError):
             ok = False
     _APPLIED["ok"] = ok
     return ok

@@ -136,6 +136,19 @@ def test_bf16_anchor_rounds_only_the_target(micro_space, backend):
             prefix=f"layers.{layer}.{cand}"))
 
 
+def test_fp32_anchor_keeps_an_enclosing_bf16_autocast(micro_space):
+    """train.bf16 wraps the whole loss in bf16 autocast: the default anchor (anchor_precision=fp32 =
+    'the training precision') must run under it too, i.e. give exactly what the explicit bf16 anchor gives."""
+    child, anchor = (0, 2, 3), (1, 2, 4)
+    batch = batch_for(6)
+    losses = []
+    for bf16_anchor in (False, True):
+        net = make(micro_space)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(aligned_forward(net, batch, child, anchor, layer_seed=9, anchor_bf16=bf16_anchor).align_loss)
+    assert torch.equal(losses[0], losses[1])
+
+
 def test_anchor_precision_is_checked(micro_config):
     from nasfast.errors import UserError
     from nasfast.space.checks import check_config

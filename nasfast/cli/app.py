@@ -8,9 +8,9 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from nasfast.allocator import tune_malloc
 from nasfast.cli import analysis as cli_analysis
 from nasfast.cli import nas as cli_nas
-from nasfast.allocator import tune_malloc
 from nasfast.cli.common import COMMANDS, command, quiet_libraries
 from nasfast.errors import BUG_REPORT, UserError
 

@@ -7,6 +7,7 @@ state there (prefix sharing) and those layers add exactly zero to the loss.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -50,10 +51,13 @@ def aligned_forward(model, batch: dict, child: Arch, anchor: Arch, layer_seed: O
             anchor_input = (hidden[start - 1] if start else embedded).detach()
         else:
             anchor_input = model.embed(batch["input_ids"], layer_seed)
-        with torch.autocast(anchor_input.device.type, dtype=torch.bfloat16, enabled=anchor_bf16):
+        # not autocast(enabled=False) for fp32: that would switch off an enclosing train.bf16 autocast
+        precision = (torch.autocast(anchor_input.device.type, dtype=torch.bfloat16) if anchor_bf16
+                     else contextlib.nullcontext())
+        with precision:
             anchor_hidden = model.run_layers(anchor_input, mask, anchor, start=start, layer_seed=layer_seed)
         if anchor_bf16:
-            anchor_hidden = [h.to(hidden[0].dtype) for h in anchor_hidden]
+            anchor_hidden = [a.to(h.dtype) for a, h in zip(anchor_hidden, hidden[start:])]
     align_mask = None if bool(mask.all()) else mask  # unpadded blocks (pretraining): the cheaper unmasked path
     align = model.ops.alignment_loss(hidden[start:], anchor_hidden, align_mask)
     return AlignedOutput(out.loss, align, out.num_masked)
