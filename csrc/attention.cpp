@@ -1,13 +1,9 @@
 // Softmax attention with a key-padding mask, fused per (batch, head, block of query rows) in the
 // style of flash attention: scores for one block of BQ rows against all keys live in a
 // thread-local [BQ, T] buffer (L2-resident at BERT lengths), softmax is done in place, and only
-// the output and one log-sum-exp per row are written: no [B, h, T, T] tensor is materialised.
+// the output and one log-sum-exp per row are written. No [B, h, T, T] tensor is ever materialised.
 // Backward recomputes each block's full rows of P with the very code (and GEMM shapes) of the
-// forward, so P is bitwise the forward's. The *_p variants of the packed op instead write P into a
-// [B, h, T, T] tensor in the forward (same code, the block rows live there instead of the local
-// buffer) and read it in the backward: bitwise the same gradients without recomputing QK^T and the
-// softmax, for short sequences where P is no larger than qkv. Backward forms D_i = sum_j P_ij dP_ij
-// from those rows rather
+// forward, so P is bitwise the forward's, and forms D_i = sum_j P_ij dP_ij from those rows rather
 // than from the saved lse and dO . O: with a saturated softmax (scores ~1e3) an fp32 lse rounds
 // away log(sum), and dP_ij - dO . O_i subtracts two separately rounded dot products whose true
 // difference is ~0. Computed this way the subtraction cancels exactly as in eager's softmax
@@ -107,29 +103,28 @@ void softmax_rows(T* S, int64_t nq, int64_t L, const T* kbb, T* lse) {
 
 template <typename T>
 void fwd_kernel(const Heads<T>& q, const Heads<T>& k, const Heads<T>& v, const at::Tensor& mask,
-                const OutHeads<T>& out, T* lse, int64_t B, int64_t nh, int64_t L, int64_t dh, T* probs = nullptr) {
+                const OutHeads<T>& out, T* lse, int64_t B, int64_t nh, int64_t L, int64_t dh) {
   std::vector<T> kb;
   std::vector<char> any;
   key_bias<T>(mask, B, L, kb, any);
   const T scale = T(1) / std::sqrt(static_cast<T>(dh));
   const int64_t nqb = (L + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, B * nh * nqb, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> local(probs ? 0 : kBlockQ * L);
+    std::vector<T> S(kBlockQ * L);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t bh = item / nqb, b = bh / nh, h = bh % nh;
       const int64_t r0 = (item % nqb) * kBlockQ, nq = std::min(kBlockQ, L - r0);
       T* o = out.at(b, h) + r0 * out.ld;
       T* ls = lse + bh * L + r0;
-      T* S = probs ? probs + (bh * L + r0) * L : local.data();
       if (!any[b]) {  // every key is padding: zeros (lse = +inf: the probabilities are all 0)
         out.zero_rows(b, h, r0, nq, dh);
         std::fill(ls, ls + nq, std::numeric_limits<T>::infinity());
-        if (probs) std::fill(S, S + nq * L, T(0));
         continue;
       }
-      gemm_rm<T>(false, true, nq, L, dh, scale, q.at(b, h) + r0 * q.ld, q.ld, k.at(b, h), k.ld, T(0), S, L);
-      softmax_rows<T>(S, nq, L, kb.data() + b * L, ls);
-      gemm_rm<T>(false, false, nq, dh, L, T(1), S, L, v.at(b, h), v.ld, T(0), o, out.ld);
+      gemm_rm<T>(false, true, nq, L, dh, scale, q.at(b, h) + r0 * q.ld, q.ld, k.at(b, h), k.ld, T(0),
+                 S.data(), L);
+      softmax_rows<T>(S.data(), nq, L, kb.data() + b * L, ls);
+      gemm_rm<T>(false, false, nq, dh, L, T(1), S.data(), L, v.at(b, h), v.ld, T(0), o, out.ld);
     }
   });
 }
@@ -137,14 +132,14 @@ void fwd_kernel(const Heads<T>& q, const Heads<T>& k, const Heads<T>& v, const a
 template <typename T>
 void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const Heads<T>& v,
                 const at::Tensor& mask, const OutHeads<T>& dq, const OutHeads<T>& dk, const OutHeads<T>& dv,
-                int64_t B, int64_t nh, int64_t L, int64_t dh, const T* probs = nullptr) {
+                int64_t B, int64_t nh, int64_t L, int64_t dh) {
   using Vec = Vectorized<T>;
   std::vector<T> kb;
   std::vector<char> any;
   key_bias<T>(mask, B, L, kb, any);
   const T scale = T(1) / std::sqrt(static_cast<T>(dh));
   at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> local(probs ? 0 : kBlockQ * L), dP(kBlockQ * L), Di(kBlockQ);
+    std::vector<T> P(kBlockQ * L), dP(kBlockQ * L), Di(kBlockQ);
     for (int64_t bh = i0; bh < i1; ++bh) {
       const int64_t b = bh / nh, h = bh % nh;
       T* dqh = dq.at(b, h);
@@ -161,17 +156,13 @@ void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const H
         const T beta = r0 == 0 ? T(0) : T(1);  // first block initialises dK, dV
         const T* qb = q.at(b, h) + r0 * q.ld;
         const T* gb = g.at(b, h) + r0 * g.ld;
-        // P: the forward's saved rows, or recomputed exactly as the forward computed them (same GEMM
-        // shape, same softmax code)
-        const T* P = probs ? probs + (bh * L + r0) * L : local.data();
-        if (!probs) {
-          gemm_rm<T>(false, true, nq, L, dh, scale, qb, q.ld, k.at(b, h), k.ld, T(0), local.data(), L);
-          softmax_rows<T>(local.data(), nq, L, kb.data() + b * L, nullptr);
-        }
-        gemm_rm<T>(true, false, L, dh, nq, T(1), P, L, gb, g.ld, beta, dvh, dv.ld);  // dV += P^T dO
+        // P exactly as the forward computed it (same GEMM shape, same softmax code)
+        gemm_rm<T>(false, true, nq, L, dh, scale, qb, q.ld, k.at(b, h), k.ld, T(0), P.data(), L);
+        softmax_rows<T>(P.data(), nq, L, kb.data() + b * L, nullptr);
+        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, gb, g.ld, beta, dvh, dv.ld);  // dV += P^T dO
         gemm_rm<T>(false, true, nq, L, dh, T(1), gb, g.ld, v.at(b, h), v.ld, T(0), dP.data(), L);
         for (int64_t i = 0; i < nq; ++i) {  // D_i = sum_j P_ij dP_ij (= dO_i . O_i, from the same dP)
-          const T* p = P + i * L;
+          const T* p = P.data() + i * L;
           const T* dp = dP.data() + i * L;
           Vec acc(T(0));
           for (int64_t d = 0; d < L; d += lanes<T>()) {
@@ -180,17 +171,17 @@ void bwd_kernel(const Heads<T>& g, const Heads<T>& q, const Heads<T>& k, const H
           }
           Di[i] = hsum<T>(acc);
         }
-        for (int64_t i = 0; i < nq; ++i) {  // dS = scale * P * (dP - D_i), in place of dP (P stays intact)
-          const T* p = P + i * L;
-          T* dp = dP.data() + i * L;
+        for (int64_t i = 0; i < nq; ++i) {  // dS = scale * P * (dP - D_i), in place of P
+          T* p = P.data() + i * L;
+          const T* dp = dP.data() + i * L;
           const Vec di(Di[i]);
           for (int64_t d = 0; d < L; d += lanes<T>()) {
             const int64_t n = part<T>(d, L);
-            (Vec::loadu(p + d, n) * (Vec::loadu(dp + d, n) - di) * Vec(scale)).store(dp + d, n);
+            (Vec::loadu(p + d, n) * (Vec::loadu(dp + d, n) - di) * Vec(scale)).store(p + d, n);
           }
         }
-        gemm_rm<T>(false, false, nq, dh, L, T(1), dP.data(), L, k.at(b, h), k.ld, T(0), dqh + r0 * dq.ld, dq.ld);
-        gemm_rm<T>(true, false, L, dh, nq, T(1), dP.data(), L, qb, q.ld, beta, dkh, dk.ld);  // dK += dS^T Q
+        gemm_rm<T>(false, false, nq, dh, L, T(1), P.data(), L, k.at(b, h), k.ld, T(0), dqh + r0 * dq.ld, dq.ld);
+        gemm_rm<T>(true, false, L, dh, nq, T(1), P.data(), L, qb, q.ld, beta, dkh, dk.ld);  // dK += dS^T Q
       }
     }
   });
@@ -307,43 +298,6 @@ at::Tensor qkv_bwd(const at::Tensor& g_, const at::Tensor& qkv_, int64_t nh,
   return dqkv;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_fwd_p(const at::Tensor& qkv_, int64_t nh,
-                                                       const std::optional<at::Tensor>& mask_) {
-  check_packed(qkv_, nh, mask_);
-  const at::Tensor qkv = packed_rows(qkv_), m = mask_of(mask_);
-  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(2) / 3, dh = H / nh;
-  at::Tensor out = at::empty({B, L, H}, qkv.options()), lse = at::empty({B, nh, L}, qkv.options());
-  at::Tensor probs = at::empty({B, nh, L, L}, qkv.options());
-  if (out.numel() == 0) return {out, lse, probs};
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_fwd_p", [&] {
-    fwd_kernel<scalar_t>(packed_in<scalar_t>(qkv, 0, dh), packed_in<scalar_t>(qkv, H, dh),
-                         packed_in<scalar_t>(qkv, 2 * H, dh), m, packed_out<scalar_t>(out, 0, dh),
-                         lse.data_ptr<scalar_t>(), B, nh, L, dh, probs.data_ptr<scalar_t>());
-  });
-  return {out, lse, probs};
-}
-
-at::Tensor qkv_bwd_p(const at::Tensor& g_, const at::Tensor& qkv_, const at::Tensor& probs_, int64_t nh,
-                     const std::optional<at::Tensor>& mask_) {
-  check_packed(qkv_, nh, mask_);
-  TORCH_CHECK(g_.dim() == 3 && g_.size(0) == qkv_.size(0) && g_.size(1) == qkv_.size(1) &&
-                  g_.size(2) * 3 == qkv_.size(2),
-              "attention_qkv_bwd_p: grad must be [B, T, H]");
-  TORCH_CHECK(probs_.scalar_type() == qkv_.scalar_type(), "attention_qkv_bwd_p: probs and qkv dtypes differ");
-  const at::Tensor qkv = packed_rows(qkv_), g = packed_rows(g_), m = mask_of(mask_), probs = probs_.contiguous();
-  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(2) / 3, dh = H / nh;
-  TORCH_CHECK(probs.sizes() == at::IntArrayRef({B, nh, L, L}), "attention_qkv_bwd_p: probs must be [B, heads, T, T]");
-  at::Tensor dqkv = at::empty({B, L, 3 * H}, qkv.options());
-  if (dqkv.numel() == 0) return dqkv;
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_bwd_p", [&] {
-    bwd_kernel<scalar_t>(packed_in<scalar_t>(g, 0, dh), packed_in<scalar_t>(qkv, 0, dh),
-                         packed_in<scalar_t>(qkv, H, dh), packed_in<scalar_t>(qkv, 2 * H, dh), m,
-                         packed_out<scalar_t>(dqkv, 0, dh), packed_out<scalar_t>(dqkv, H, dh),
-                         packed_out<scalar_t>(dqkv, 2 * H, dh), B, nh, L, dh, probs.const_data_ptr<scalar_t>());
-  });
-  return dqkv;
-}
-
 }  // namespace
 }  // namespace nasfast
 
@@ -352,6 +306,4 @@ TORCH_LIBRARY_IMPL(nasfast, CPU, m) {
   m.impl("attention_bwd", &nasfast::bwd);
   m.impl("attention_qkv_fwd", &nasfast::qkv_fwd);
   m.impl("attention_qkv_bwd", &nasfast::qkv_bwd);
-  m.impl("attention_qkv_fwd_p", &nasfast::qkv_fwd_p);
-  m.impl("attention_qkv_bwd_p", &nasfast::qkv_bwd_p);
 }

@@ -34,10 +34,6 @@ TORCH_LIBRARY(nasfast, m) {
   // lse [B, heads, T]; backward returns d(qkv) [B, T, 3H] (no per-tensor transposes or stacking).
   m.def("attention_qkv_fwd(Tensor qkv, int heads, Tensor? token_mask) -> (Tensor, Tensor)");
   m.def("attention_qkv_bwd(Tensor grad, Tensor qkv, int heads, Tensor? token_mask) -> Tensor");
-  // the same, also returning the probabilities P [B, heads, T, T]; the backward reads P instead of
-  // recomputing it (bitwise the same d(qkv)).
-  m.def("attention_qkv_fwd_p(Tensor qkv, int heads, Tensor? token_mask) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_qkv_bwd_p(Tensor grad, Tensor qkv, Tensor probs, int heads, Tensor? token_mask) -> Tensor");
   // sum_l mean over real tokens x H of (h_l - a_l)^2, and (if need_grad) d loss / d h_l.
   m.def("alignment_loss_fwd(Tensor[] child, Tensor[] anchor, Tensor? token_mask, bool need_grad) "
         "-> (Tensor, Tensor[])");

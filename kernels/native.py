@@ -201,10 +201,6 @@ def _register_fakes() -> None:
     once("attention_qkv_fwd", lambda qkv, heads, token_mask: (
         new(qkv, (*qkv.shape[:2], qkv.shape[2] // 3)), new(qkv, (qkv.shape[0], heads, qkv.shape[1]))))
     once("attention_qkv_bwd", lambda grad, qkv, heads, token_mask: new(qkv))
-    once("attention_qkv_fwd_p", lambda qkv, heads, token_mask: (
-        new(qkv, (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)), new(qkv, (qkv.shape[0], heads, qkv.shape[1])),
-        new(qkv, (qkv.shape[0], heads, qkv.shape[1], qkv.shape[1]))))
-    once("attention_qkv_bwd_p", lambda grad, qkv, probs, heads, token_mask: new(qkv))
     once("alignment_loss_fwd", lambda child, anchor, token_mask, need_grad: (
         new(child[0], ()), [new(c) for c in child] if need_grad else []))
 
@@ -325,36 +321,20 @@ class _Attention(torch.autograd.Function):
         return (*(_as(g, d) for g, d in zip(grads, ctx.dtypes)), None)
 
 
-def _saves_probs(qkv: torch.Tensor, heads: int) -> bool:
-    """Keep the softmax probabilities P [B, h, T, T] for the backward when they are no larger than
-    qkv [B, T, 3H] itself (T <= 3 * head dim: BERT's T=128, dh=64 does). The backward then skips
-    recomputing QK^T and the softmax (~18% of its time at B=32, T=128, h=8); longer sequences, where
-    P grows as T^2, recompute it flash-style. Both paths give bitwise the same gradients."""
-    T, H = qkv.shape[1], qkv.shape[2] // 3
-    return heads > 0 and T <= 3 * (H // heads)
-
-
 class _QKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, heads, token_mask):
         cd = _compute_dtype(qkv)
         qc = _as(qkv, cd)
-        if _saves_probs(qc, heads):
-            out, _lse, probs = torch.ops.nasfast.attention_qkv_fwd_p(qc, heads, token_mask)
-        else:
-            (out, _lse), probs = torch.ops.nasfast.attention_qkv_fwd(qc, heads, token_mask), None
-        ctx.save_for_backward(qc, token_mask, probs)
+        out, _lse = torch.ops.nasfast.attention_qkv_fwd(qc, heads, token_mask)
+        ctx.save_for_backward(qc, token_mask)
         ctx.heads, ctx.dtype = heads, qkv.dtype
         return _as(out, qkv.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        qc, token_mask, probs = ctx.saved_tensors
-        g = _as(grad, qc.dtype)
-        if probs is not None:
-            dqkv = torch.ops.nasfast.attention_qkv_bwd_p(g, qc, probs, ctx.heads, token_mask)
-        else:
-            dqkv = torch.ops.nasfast.attention_qkv_bwd(g, qc, ctx.heads, token_mask)
+        qc, token_mask = ctx.saved_tensors
+        dqkv = torch.ops.nasfast.attention_qkv_bwd(_as(grad, qc.dtype), qc, ctx.heads, token_mask)
         return _as(dqkv, ctx.dtype), None, None
 
 

@@ -271,9 +271,6 @@ def _opcheck_calls(ns: str, layout: str):
         add("attention_qkv_fwd", (qkv, 2, qm), True)
         add("attention_qkv_fwd", (qkv, 2, None), True)
         add("attention_qkv_bwd", (qdo, qkv, 2, qm))
-        _o, _l, probs = ops.attention_qkv_fwd_p(qkv, 2, qm)
-        add("attention_qkv_fwd_p", (qkv, 2, qm))
-        add("attention_qkv_bwd_p", (qdo, qkv, probs, 2, qm))
         for p, km, s in ((0.25, keep, 0), (0.25, None, 7)):
             add("dropout_apply", (lx, p, km, s))
     return calls

@@ -110,7 +110,6 @@ EXTRA = (
                                                                                   [None, "mixed"])]
     + [C("alignment_loss", B=3, T=37, H=72, layers=L, mask=m) for L, m in product([1, 3], [None, "mixed", "all_pad"])]
     # longer than one 128-row query block: the dK/dV accumulation over blocks and a partial last block
-    # (qkv_attention at T=130, dh=64 also takes the saved-probabilities path: 130 <= 3 * 64)
     + [C(op, B=2, heads=2, T=T, dh=dh, mask="mixed") for op in ("attention", "qkv_attention")
        for T, dh in ((130, 64), (257, 16))]
 )
@@ -180,27 +179,6 @@ def test_plain_dropout_hash_path_matches_reference_with_same_mask(native):
     assert torch.equal(x.grad != 0, y1 != 0)  # the gradient flows exactly where the forward kept
     assert abs((y1 != 0).double().mean().item() - 0.75) < 0.01
     assert native.dropout(x, 0.25, False) is x and native.dropout(x, 0.0, True) is x
-
-
-@pytest.mark.parametrize("B,T,heads,dh", [(3, 77, 5, 40), (2, 128, 2, 64), (2, 33, 3, 17)])
-def test_saved_probabilities_give_bitwise_the_recomputed_gradients(native, B, T, heads, dh):
-    """attention_qkv_*_p keeps P from the forward instead of recomputing it: outputs and d(qkv) must be
-    bitwise those of the recomputing ops (padding rows, an all-padding sequence, odd sizes)."""
-    g = torch.Generator().manual_seed(T)
-    qkv = torch.randn(B, T, 3 * heads * dh, generator=g) * 2
-    grad = torch.randn(B, T, heads * dh, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, T // 2:] = False
-    mask[-1] = False  # no real key at all: zeros, no gradient
-    out, lse = torch.ops.nasfast.attention_qkv_fwd(qkv, heads, mask)
-    out_p, lse_p, probs = torch.ops.nasfast.attention_qkv_fwd_p(qkv, heads, mask)
-    assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
-    assert probs.shape == (B, heads, T, T) and not probs[-1].any()
-    torch.testing.assert_close(probs[0].sum(-1), torch.ones(heads, T, dtype=probs.dtype))
-    assert torch.equal(torch.ops.nasfast.attention_qkv_bwd(grad, qkv, heads, mask),
-                       torch.ops.nasfast.attention_qkv_bwd_p(grad, qkv, probs, heads, mask))
-    # the autograd Function picks the saving path exactly when P is no larger than qkv
-    assert native._saves_probs(qkv, heads) == (T <= 3 * dh)
 
 
 def test_attention_strided_views(native):
