@@ -10,23 +10,6 @@ namespace {
 
 constexpr int64_t kGrainElems = 16384;
 
-struct Dropout {  // where the keep pattern comes from for one call
-  double p;
-  const bool* mask;  // bool [N, H] or nullptr
-  DropoutHash hash;
-  bool active() const { return p > 0.0; }
-  template <typename T>
-  void factors(int64_t row, int64_t H, T* out) const {  // keep ? 1/(1-p) : 0
-    const T scale = static_cast<T>(1.0 / (1.0 - p));
-    if (mask) {
-      const bool* mr = mask + row * H;
-      for (int64_t c = 0; c < H; ++c) out[c] = mr[c] ? scale : T(0);
-    } else {
-      hash.row_factors<T>(row, H, scale, out);
-    }
-  }
-};
-
 // z = residual + x * fac (fac == nullptr: no dropout) into z.
 template <typename T>
 inline void residual_row(const T* xr, const T* rr, const T* fac, T* z, int64_t H) {
@@ -112,18 +95,6 @@ void bwd_kernel(const T* g, const T* x, const T* res, const T* w, const T* mean,
   });
 }
 
-Dropout make_dropout(double p, const std::optional<at::Tensor>& keep_mask, int64_t seed,
-                     const at::Tensor& x, at::Tensor& mask_holder) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "add_dropout_layernorm: dropout p must be in [0, 1), got ", p);
-  Dropout drop{p, nullptr, DropoutHash(seed, p)};
-  if (p > 0.0 && keep_mask.has_value() && keep_mask->defined()) {
-    TORCH_CHECK(keep_mask->sizes() == x.sizes(), "keep_mask must have x's shape");
-    mask_holder = keep_mask->to(at::kBool).contiguous();
-    drop.mask = mask_holder.const_data_ptr<bool>();
-  }
-  return drop;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& res_,
                                                    const at::Tensor& w_, const at::Tensor& b_,
                                                    double p, const std::optional<at::Tensor>& keep_mask,
@@ -133,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const a
   TORCH_CHECK(w_.numel() == H && b_.numel() == H, "add_dropout_layernorm: weight/bias must be [H]");
   const at::Tensor x = x_.contiguous(), res = res_.contiguous(), w = w_.contiguous(), b = b_.contiguous();
   at::Tensor mask_holder;
-  const Dropout drop = make_dropout(p, keep_mask, seed, x, mask_holder);
+  const Dropout drop = make_dropout("add_dropout_layernorm", p, keep_mask, seed, x, mask_holder);
   at::Tensor y = at::empty_like(x), mean = at::empty({N}, x.options()), rstd = at::empty({N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_dropout_layernorm_fwd", [&] {
     fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), res.const_data_ptr<scalar_t>(),
@@ -152,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   const at::Tensor g = g_.contiguous(), x = x_.contiguous(), res = res_.contiguous(),
                    w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
   at::Tensor mask_holder;
-  const Dropout drop = make_dropout(p, keep_mask, seed, x, mask_holder);
+  const Dropout drop = make_dropout("add_dropout_layernorm", p, keep_mask, seed, x, mask_holder);
   at::Tensor dx = at::empty_like(x), dres = at::empty_like(x);
   const Chunks ch(N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(H, 1)));
   std::vector<double> parts(ch.count * 2 * H, 0.0);

@@ -3,7 +3,8 @@
 //
 // Compiled with torch's own AVX512 flags (-DCPU_CAPABILITY_AVX512 -mavx512f/bw/vl/dq -mfma) where
 // torch runs AVX512 kernels, with -DCPU_CAPABILITY_AVX2 -mavx2 -mfma where it runs AVX2 ones (see
-// kernels/native.py), otherwise with CPU_CAPABILITY=DEFAULT (at::vec's portable scalar fallback). Everything is templated on scalar_t in {float, double}; bf16/fp16 are
+// kernels/native.py), otherwise with CPU_CAPABILITY=DEFAULT (at::vec's portable scalar fallback).
+// Everything is templated on scalar_t in {float, double}; bf16/fp16 are
 // upcast in Python.
 #pragma once
 
@@ -177,6 +178,39 @@ struct DropoutHash {
     }
   }
 };
+
+// Where one call's keep pattern comes from: an explicit keep mask, or the hash (the fused
+// residual+dropout+LayerNorm and the plain dropout share it, so both regenerate it in the backward).
+struct Dropout {
+  double p;
+  const bool* mask;  // bool [N, H] or nullptr
+  DropoutHash hash;
+  bool active() const { return p > 0.0; }
+  template <typename T>
+  void factors(int64_t row, int64_t H, T* out) const {  // keep ? 1/(1-p) : 0
+    const T scale = static_cast<T>(1.0 / (1.0 - p));
+    if (mask) {
+      const bool* mr = mask + row * H;
+      for (int64_t c = 0; c < H; ++c) out[c] = mr[c] ? scale : T(0);
+    } else {
+      hash.row_factors<T>(row, H, scale, out);
+    }
+  }
+};
+
+// Checks p and the mask's shape; mask_holder keeps the bool copy of keep_mask alive for the call.
+// p == 0 ignores the mask (no dropout), as the reference does.
+inline Dropout make_dropout(const char* op, double p, const std::optional<at::Tensor>& keep_mask, int64_t seed,
+                            const at::Tensor& x, at::Tensor& mask_holder) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout p must be in [0, 1), got ", p);
+  Dropout drop{p, nullptr, DropoutHash(seed, p)};
+  if (p > 0.0 && keep_mask.has_value() && keep_mask->defined()) {
+    TORCH_CHECK(keep_mask->sizes() == x.sizes(), op, ": keep_mask must have x's shape");
+    mask_holder = keep_mask->to(at::kBool).contiguous();
+    drop.mask = mask_holder.const_data_ptr<bool>();
+  }
+  return drop;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Row-major GEMM: C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, leading dims in elements.

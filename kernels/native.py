@@ -394,6 +394,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _BiasGelu.apply(x, bias)
 
 
+def _draw_seed() -> int:
+    """The dropout hash's seed, from torch's default generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
 def add_dropout_layernorm(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -412,9 +417,7 @@ def add_dropout_layernorm(
     """
     _require()
     p = float(dropout_p) if (training and dropout_p > 0.0) else 0.0
-    seed = 0
-    if p > 0.0 and keep_mask is None:
-        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    seed = _draw_seed() if p > 0.0 and keep_mask is None else 0
     if p == 0.0:
         keep_mask = None
     return _AddDropoutLayerNorm.apply(x, residual, weight, bias, p, keep_mask, seed, float(eps))
@@ -427,7 +430,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, keep_mask: Optional[torch
     p = float(p) if (training and p > 0.0) else 0.0
     if p == 0.0:
         return x
-    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item()) if keep_mask is None else 0
+    seed = _draw_seed() if keep_mask is None else 0
     return _Dropout.apply(x, p, keep_mask, seed)
 
 

@@ -350,9 +350,9 @@ def test_native_arch_env_caps_the_build_isa(native, monkeypatch):
 def test_narrower_isa_builds_compute_what_the_widest_build_computes(native, arch, tmp_path):
     """Each ISA is its own build (own folder, own .so); on the same inputs it must agree with the
     build this machine uses by default (fp32 within rounding of the vector width, fp64 tighter)."""
-    monkey_free = {k: v for k, v in os.environ.items() if k != "NASFAST_NATIVE_ARCH"}
+    uncapped = {k: v for k, v in os.environ.items() if k != "NASFAST_NATIVE_ARCH"}
     widest = subprocess.run([sys.executable, "-c", "import nasfast.kernels.native as n; print(n._arch())"],
-                            env=monkey_free, capture_output=True, text=True, check=True).stdout.strip()
+                            env=uncapped, capture_output=True, text=True, check=True).stdout.strip()
     order = ["default", "avx2", "avx512"]
     if order.index(arch) >= order.index(widest):
         pytest.skip(f"this CPU's widest native build is {widest}: no narrower {arch} build to compare")

@@ -30,13 +30,11 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, ops=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ops) -> torch.Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.norm(self.tokens(input_ids) + self.positions(pos))
-        if ops is None:
-            return self.dropout(x)
-        # the backend's dropout: eager's is F.dropout (what self.dropout runs, bit for bit); native's
-        # a counter-hash pattern (no per-element RNG draw)
+        # the backend's dropout (self.dropout holds p): eager's is F.dropout, what nn.Dropout runs, bit
+        # for bit; native's a counter-hash pattern (no per-element RNG draw)
         return ops.dropout(x, self.dropout.p, self.training)
 
 
