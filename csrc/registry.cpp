@@ -37,5 +37,9 @@ TORCH_LIBRARY(nasfast, m) {
   // sum_l mean over real tokens x H of (h_l - a_l)^2, and (if need_grad) d loss / d h_l.
   m.def("alignment_loss_fwd(Tensor[] child, Tensor[] anchor, Tensor? token_mask, bool need_grad) "
         "-> (Tensor, Tensor[])");
+  // softmax cross-entropy, mean over rows: logits [M, V], int64 targets [M] -> (loss [], lse [M]);
+  // backward returns d logits for a scalar grad.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets) -> (Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor lse) -> Tensor");
   m.def("gemm_backend() -> str", &nasfast::gemm_backend_name);
 }

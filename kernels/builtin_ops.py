@@ -268,3 +268,29 @@ register_op(FusedOp(
               dict(B=2, T=5, H=48, dropout=0.3, training=False)),
     bench=_dropout_bench,
 ))
+
+
+# --------------------------------------------------------------------------------- cross_entropy
+# The MLM loss over the masked positions: logits [M, V] with M = B * T rows and V = H classes.
+# Registered after dropout: the other ops' cases keep their identities.
+def _cross_entropy_inputs(spec, rnd, gen):
+    M, V = spec.B * spec.T, spec.H
+    values = [rnd(M, V, scale=2.0 * spec.scale), torch.randint(0, V, (M,), generator=gen)]
+    return OpInputs(values, [True, False], lambda ops, x, t: ops.cross_entropy(x, t), ["loss", "dlogits"])
+
+
+def _cross_entropy_bench(s):
+    M = max(1, round(0.15 * s["B"] * s["T"]))  # the ~15% masked positions the MLM head projects
+    return dict(B=M, T=1, H=s["vocab"]), f"logits[{M},{s['vocab']}]"
+
+
+register_op(FusedOp(
+    "cross_entropy", reference.cross_entropy, _cross_entropy_inputs, lambda spec: ["logits", "targets"],
+    scalar_output=True,
+    dims=lambda s: f"M{s.B * s.T} V{s.H}",
+    layout_base=dict(B=2, T=5, H=40),
+    regressions=(dict(B=0, T=5, H=8),  # no masked token: 0, not NaN
+                 dict(B=3, T=1, H=1)),  # one class: loss 0, zero gradient
+    examples=(dict(B=3, T=37, H=72), dict(B=1, T=7, H=8191), dict(B=2, T=5, H=17, scale=30.0)),
+    bench=_cross_entropy_bench,
+))

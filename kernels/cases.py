@@ -465,7 +465,8 @@ def example_cases(dtype: torch.dtype = torch.float32, ops: Optional[Sequence[str
 
 
 def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: int, dtype: torch.dtype,
-                 device, seed: int = 0, k: int = 5, dropout: float = 0.1, keep_mask: bool = True):
+                 device, seed: int = 0, k: int = 5, dropout: float = 0.1, keep_mask: bool = True,
+                 vocab: int = 8192):
     """Realistic-size inputs for timing one op: (shape string, differentiable leaves, call(ops, *leaves)).
 
     The op's registered ``bench`` picks the case at these sizes (masks: ``lengths`` padding, T/2..T).
@@ -476,7 +477,8 @@ def bench_inputs(op: str, B: int, T: int, H: int, heads: int, layers: int, ffn: 
     fused = registry.get_op(op)
     if fused.bench is None:
         raise ValueError(f"fused op '{op}' registers no benchmark case")
-    sizes = dict(B=B, T=T, H=H, heads=heads, layers=layers, ffn=ffn, k=k, dropout=dropout, keep_mask=keep_mask)
+    sizes = dict(B=B, T=T, H=H, heads=heads, layers=layers, ffn=ffn, k=k, dropout=dropout, keep_mask=keep_mask,
+                 vocab=vocab)
     kwargs, shape, *rest = fused.bench(sizes)
     call_override = rest[0] if rest else None  # call(ops, *args): e.g. dropout drawing its own pattern
     spec = CaseSpec(op, **{"dtype": dtype, "seed": seed, **kwargs})

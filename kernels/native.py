@@ -19,7 +19,7 @@ call ``torch.ops.nasfast.*`` and save tensors), then the functions with the refe
 signatures (``linear`` is ATen's GEMMs with a GEMV bias gradient, no C++ of its own). fp32 and
 fp64 run natively; other floating dtypes are computed in fp32 and cast back. Longer than 400 lines
 because the backend is this one module (the registry reads its op functions by name), and each of
-its eight ops needs its autograd.Function beside the function that calls it.
+its nine ops needs its autograd.Function beside the function that calls it.
 """
 from __future__ import annotations
 
@@ -201,6 +201,8 @@ def _register_fakes() -> None:
     once("attention_qkv_fwd", lambda qkv, heads, token_mask: (
         new(qkv, (*qkv.shape[:2], qkv.shape[2] // 3)), new(qkv, (qkv.shape[0], heads, qkv.shape[1]))))
     once("attention_qkv_bwd", lambda grad, qkv, heads, token_mask: new(qkv))
+    once("cross_entropy_fwd", lambda logits, targets: (new(logits, ()), new(logits, (logits.shape[0],))))
+    once("cross_entropy_bwd", lambda grad, logits, targets, lse: new(logits))
     once("alignment_loss_fwd", lambda child, anchor, token_mask, need_grad: (
         new(child[0], ()), [new(c) for c in child] if need_grad else []))
 
@@ -338,6 +340,21 @@ class _QKVAttention(torch.autograd.Function):
         return _as(dqkv, ctx.dtype), None, None
 
 
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lc = _as(logits, _compute_dtype(logits))
+        loss, lse = torch.ops.nasfast.cross_entropy_fwd(lc, targets)
+        ctx.save_for_backward(lc, targets, lse)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        lc, targets, lse = ctx.saved_tensors
+        return _as(torch.ops.nasfast.cross_entropy_bwd(grad, lc, targets, lse), ctx.dtype), None
+
+
 class _AlignmentLoss(torch.autograd.Function):
     """Inputs: token_mask, n_layers, *child_hiddens, *anchor_hiddens (anchors detached)."""
 
@@ -467,6 +484,13 @@ def alignment_loss(
     child = child[: len(anchor)]
     check_alignment_shapes(child, anchor)  # the error every backend gives
     return _AlignmentLoss.apply(token_mask, len(child), *child, *anchor)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy of logits [M, V] against int64 targets [M], loss and gradient each in
+    one pass over the logits (fp32; fp64 for fp64 logits; other dtypes are computed in fp32)."""
+    _require()
+    return _CrossEntropy.apply(logits, targets)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -150,3 +150,14 @@ def qkv_attention(qkv: torch.Tensor, heads: int, token_mask: Optional[torch.Tens
     H = H3 // 3
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)
     return attention(q, k, v, token_mask).transpose(1, 2).reshape(B, T, H)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The MLM loss: softmax cross-entropy of logits [M, V] against int64 class indices [M], mean over
+    the M rows (the masked positions; no ignore index). The loss is computed in fp32 (fp64 for fp64
+    logits), whatever the logits' dtype. No rows (a batch without a masked token) gives 0, not NaN,
+    still connected to the logits (their gradient is then empty)."""
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if targets.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets)

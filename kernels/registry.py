@@ -66,7 +66,7 @@ class FusedOp:
     regressions: Sequence[Mapping[str, Any]] = ()  # extra fixed CaseSpec kwargs (past bugs, edge sizes)
     examples: Sequence[Mapping[str, Any]] = ()     # awkward fixed shapes every backend is compared on
     # realistic-size benchmark case: bench(sizes) -> (CaseSpec kwargs, shape string); sizes has
-    # B, T, H, heads, layers, ffn, k, dropout, keep_mask
+    # B, T, H, heads, layers, ffn, k, dropout, keep_mask, vocab
     bench: Optional[Callable[[Mapping[str, Any]], tuple]] = None
     # the op's error rule where it differs from the default (nasfast.kernels.cases.Rule fields:
     # eager_factor, floor per dtype); tests may still pass a stricter rule of their own

@@ -273,6 +273,10 @@ def _opcheck_calls(ns: str, layout: str):
         add("attention_qkv_bwd", (qdo, qkv, 2, qm))
         for p, km, s in ((0.25, keep, 0), (0.25, None, 7)):
             add("dropout_apply", (lx, p, km, s))
+        (logits, targets), _ = _inputs(cases.CaseSpec("cross_entropy", B=3, T=5, H=40, layouts=lay(2)))
+        loss, lse = ops.cross_entropy_fwd(logits, targets)
+        add("cross_entropy_fwd", (logits, targets), True)
+        add("cross_entropy_bwd", (torch.tensor(0.7, dtype=logits.dtype), logits, targets, lse))
     return calls
 
 

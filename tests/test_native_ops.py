@@ -181,6 +181,31 @@ def test_plain_dropout_hash_path_matches_reference_with_same_mask(native):
     assert native.dropout(x, 0.25, False) is x and native.dropout(x, 0.0, True) is x
 
 
+def test_cross_entropy_errors_and_thread_independence(native):
+    """Bad targets fail like eager's (IndexError naming the target), and the loss is a fixed-order sum:
+    bitwise the same on 1 and 2 threads, at the MLM head's size."""
+    x = torch.randn(97, 1001)
+    with pytest.raises(IndexError, match="target 1001 is out of bounds for 1001 classes"):
+        native.cross_entropy(x, torch.full((97,), 1001))
+    with pytest.raises(IndexError, match="target -3 is out of bounds"):
+        native.cross_entropy(x, torch.full((97,), -3))
+    with pytest.raises(RuntimeError, match="targets must be int64"):
+        native.cross_entropy(x, torch.zeros(97, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"targets must be \[M\]"):
+        native.cross_entropy(x, torch.zeros(96, dtype=torch.long))
+    logits, targets = torch.randn(613, 8192, requires_grad=True), torch.randint(0, 8192, (613,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = native.cross_entropy(logits, targets)
+            results.append((loss.detach(), torch.autograd.grad(loss, logits)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_attention_strided_views(native):
     """q, k, v as head-split views of one [B, T, 3, h, dh] projection (no copies needed)."""
     B, T, h, dh = 2, 37, 3, 16

@@ -24,7 +24,7 @@ from nasfast.training.metrics import read_metrics
 from nasfast.training.trainer import Trainer
 
 BUILTIN = ("bias_gelu", "add_dropout_layernorm", "dwconv_bias_gelu", "attention", "alignment_loss", "linear", "qkv_attention",
-           "dropout")
+           "dropout", "cross_entropy")
 
 
 # ------------------------------------------------------------------------------- the toy op
@@ -105,12 +105,12 @@ def test_backend_with_one_op_falls_back_per_op(toy):
     for name in BUILTIN:  # every other op is exactly its eager reference
         assert getattr(ops, name) is getattr(ref, name) is get_op(name).reference
     assert ops.report() == {"backend": "toy", "fused_ops": ["scaled_tanh"], "eager_ops": list(BUILTIN)}
-    assert ops.describe() == ("toy: fused 1/9 (scaled_tanh); eager reference: "
+    assert ops.describe() == ("toy: fused 1/10 (scaled_tanh); eager reference: "
                               "bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss, linear, "
-                              "qkv_attention, dropout")
+                              "qkv_attention, dropout, cross_entropy")
     # the other backends do not implement the toy op: it runs its reference there
     eager = get_ops("eager")
-    assert eager.scaled_tanh is scaled_tanh_reference and eager.fused == () and len(eager.fallback) == 9
+    assert eager.scaled_tanh is scaled_tanh_reference and eager.fused == () and len(eager.fallback) == 10
     partial = get_ops("toy_gelu")
     assert partial.fused == ("bias_gelu",) and partial.bias_gelu is toy and partial.attention is ref.attention
     with pytest.raises(AttributeError, match="has no op 'softmax'"):

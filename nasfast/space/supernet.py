@@ -91,7 +91,7 @@ class _MaskedLM(nn.Module):
         selected = labels != -100
         targets = labels[selected]
         logits = self.head(last[selected], decoder)
-        loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
+        loss = self.ops.cross_entropy(logits, targets)  # fp32 loss; 0 when nothing is masked
         correct = int((logits.argmax(-1) == targets).sum()) if not self.training else 0
         return ModelOutput(logits, hidden_states, loss, int(targets.numel()), correct)
 
