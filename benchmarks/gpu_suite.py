@@ -171,7 +171,7 @@ def correctness_specs(ops: list, dtype) -> list:
     from nasfast.kernels.cases import CaseSpec, layout_cases
 
     # one realistic padded case per op: its benchmark case at small sizes
-    sizes = dict(B=3, T=37, H=72, heads=3, layers=3, ffn=200, k=5, dropout=0.1, keep_mask=True)
+    sizes = dict(B=3, T=37, H=72, heads=3, layers=3, ffn=200, k=5, dropout=0.1, keep_mask=True, vocab=301)
     small = [CaseSpec(op, **{**get_op(op).bench(sizes)[0], "dtype": dtype, "seed": 1})
              for op in ops if get_op(op).bench is not None]
     return small + layout_cases(dtype, ops)
