@@ -2,10 +2,11 @@
 // counter-based dropout hash, and a row-major GEMM that calls the BLAS linked into libtorch_cpu.
 //
 // Compiled with torch's own AVX512 flags (-DCPU_CAPABILITY_AVX512 -mavx512f/bw/vl/dq -mfma) where
-// torch runs AVX512 kernels, with -DCPU_CAPABILITY_AVX2 -mavx2 -mfma where it runs AVX2 ones (see
-// kernels/native.py), otherwise with CPU_CAPABILITY=DEFAULT (at::vec's portable scalar fallback).
-// Everything is templated on scalar_t in {float, double}; bf16/fp16 are
-// upcast in Python.
+// torch runs AVX512 kernels, with -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c where it runs AVX2 ones
+// (see kernels/native.py; at::vec's fp16 conversions need F16C), otherwise with
+// CPU_CAPABILITY=DEFAULT (at::vec's portable scalar fallback). Training kernels are templated on
+// scalar_t in {float, double} (bf16/fp16 upcast in Python); the *_fwd_half inference forwards read
+// bf16/fp16 and widen each row to fp32 in cache.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX2)

@@ -10,6 +10,8 @@ TORCH_LIBRARY(nasfast, m) {
   // bias + exact GELU over the last dim. x [N.., D], bias [D].
   m.def("bias_gelu_fwd(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_bwd(Tensor grad, Tensor x, Tensor bias) -> (Tensor, Tensor)");
+  // bf16/fp16 x, any-dtype bias, fp32 math, output in x's dtype (inference only)
+  m.def("bias_gelu_fwd_half(Tensor x, Tensor bias) -> Tensor");
   // LayerNorm(residual + dropout(x)). Dropout keeps where keep_mask (bool, x's shape) is true, or,
   // without a mask and p > 0, where a counter hash of (seed, row, col) passes; p == 0: no dropout.
   m.def("add_dropout_layernorm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, float p, "
@@ -17,6 +19,10 @@ TORCH_LIBRARY(nasfast, m) {
   m.def("add_dropout_layernorm_bwd(Tensor grad, Tensor x, Tensor residual, Tensor weight, "
         "Tensor mean, Tensor rstd, float p, Tensor? keep_mask, int seed) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // the same forward for bf16/fp16 x, residual x's dtype or fp32 (output: residual's dtype); fp32
+  // weight, bias and math; output only (inference)
+  m.def("add_dropout_layernorm_fwd_half(Tensor x, Tensor residual, Tensor weight, Tensor bias, float p, "
+        "Tensor? keep_mask, int seed, float eps) -> Tensor");
   // x * keep / (1 - p), keep from keep_mask or the same counter hash; also its own backward.
   m.def("dropout_apply(Tensor x, float p, Tensor? keep_mask, int seed) -> Tensor");
   // The dropout keep pattern the fused op uses for (shape, p, seed), as a bool tensor (tests).

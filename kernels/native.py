@@ -17,9 +17,10 @@ Environment:
 Layout: build/load helpers, then one thin ``torch.autograd.Function`` per op (forward/backward only
 call ``torch.ops.nasfast.*`` and save tensors), then the functions with the reference
 signatures (``linear`` is ATen's GEMMs with a GEMV bias gradient, no C++ of its own). fp32 and
-fp64 run natively; other floating dtypes are computed in fp32 and cast back. Longer than 400 lines
-because the backend is this one module (the registry reads its op functions by name), and each of
-its nine ops needs its autograd.Function beside the function that calls it.
+fp64 run natively; other floating dtypes are computed in fp32 and cast back, except bf16/fp16
+inference in bias_gelu, qkv_attention and add_dropout_layernorm (see ``_half_inference``). Longer
+than 400 lines because the backend is this one module (the registry reads its op functions by
+name), and each of its nine ops needs its autograd.Function beside the function that calls it.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ _ARCH_FLAGS = {
     # the flags torch builds its own AVX512 / AVX2 kernels with, so at::vec picks the same code paths
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 
@@ -194,6 +195,8 @@ def _register_fakes() -> None:
          lambda x, residual, weight, bias, p, keep_mask, seed, eps: (new(x), new(x, (rows(x),)), new(x, (rows(x),))))
     once("add_dropout_layernorm_bwd",
          lambda grad, x, residual, weight, mean, rstd, p, keep_mask, seed: (new(x), new(x), new(weight), new(weight)))
+    once("add_dropout_layernorm_fwd_half", lambda x, residual, weight, bias, p, keep_mask, seed, eps: new(residual))
+    once("bias_gelu_fwd_half", lambda x, bias: new(x))
     once("dwconv_bias_gelu_fwd", lambda x, weight, bias, token_mask: new(x))
     once("dwconv_bias_gelu_bwd", lambda grad, x, weight, bias, token_mask: (new(x), new(weight), new(bias)))
     once("attention_fwd", lambda q, k, v, token_mask: (new(q), new(q, q.shape[:3])))
@@ -234,6 +237,17 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _half_inference(*ts: torch.Tensor) -> bool:
+    """bf16/fp16 inputs that record no autograd graph (MAGIC-A's bf16 anchor forward under no_grad):
+    there the fp32 kernels would spend more time casting than computing, so qkv_attention runs
+    ATen's fused attention in the input dtype (on the CPU's bf16 units where it has them), and
+    bias_gelu and add_dropout_layernorm C++ forwards that widen each row in cache (fp32 math; the
+    LayerNorm keeps an fp32 residual stream fp32). Training in bf16 keeps the fp32 kernels and their
+    backward."""
+    return ts[0].dtype in (torch.bfloat16, torch.float16) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 # ---------------------------------------------------------------------------- autograd Functions
@@ -408,6 +422,8 @@ class _Linear(torch.autograd.Function):
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """FFN inner activation: exact (erf) GELU of ``x + bias``. x [..., D], bias [D]."""
     _require()
+    if _half_inference(x, bias):
+        return torch.ops.nasfast.bias_gelu_fwd_half(x, bias)  # fp32 math per row in cache (see _half_inference)
     return _BiasGelu.apply(x, bias)
 
 
@@ -437,6 +453,9 @@ def add_dropout_layernorm(
     seed = _draw_seed() if p > 0.0 and keep_mask is None else 0
     if p == 0.0:
         keep_mask = None
+    if _half_inference(x, residual, weight, bias) and residual.dtype in (x.dtype, torch.float32):
+        # widened per row inside the op (same keep pattern as the fp32 kernel): no full-size casts
+        return torch.ops.nasfast.add_dropout_layernorm_fwd_half(x, residual, weight, bias, p, keep_mask, seed, float(eps))
     return _AddDropoutLayerNorm.apply(x, residual, weight, bias, p, keep_mask, seed, float(eps))
 
 
@@ -509,4 +528,18 @@ def qkv_attention(qkv: torch.Tensor, heads: int, token_mask: Optional[torch.Tens
     B, T, H3 = qkv.shape
     if H3 % 3 or (H3 // 3) % heads:
         raise ValueError(f"qkv_attention: last dim {H3} is not 3 x a multiple of {heads} heads")
+    if _half_inference(qkv):
+        return _sdpa_qkv(qkv, int(heads), token_mask)
     return _QKVAttention.apply(qkv, int(heads), token_mask)
+
+
+def _sdpa_qkv(qkv: torch.Tensor, heads: int, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """bf16/fp16 inference (see _half_inference): ATen's fused CPU attention on views of the packed qkv,
+    with this op's semantics (key-padding mask; every row of an all-padding sequence outputs zeros)."""
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    keys = None if token_mask is None else token_mask.to(torch.bool)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if keys is None else keys[:, None, None, :])
+    out = out.transpose(1, 2).reshape(B, T, H)
+    return out if keys is None else out.masked_fill(~keys.any(-1)[:, None, None], 0.0)

@@ -273,6 +273,11 @@ def _opcheck_calls(ns: str, layout: str):
         add("attention_qkv_bwd", (qdo, qkv, 2, qm))
         for p, km, s in ((0.25, keep, 0), (0.25, None, 7)):
             add("dropout_apply", (lx, p, km, s))
+        for p, km, s in ((0.25, keep, 0), (0.25, None, 7), (0.0, None, 0)):
+            add("add_dropout_layernorm_fwd_half", (lx.bfloat16(), lr.bfloat16(), lw, lb, p, km, s, 1e-5))
+        add("add_dropout_layernorm_fwd_half", (lx.half(), lr, lw, lb, 0.25, None, 3, 1e-5))  # fp32 residual
+        add("bias_gelu_fwd_half", (x.bfloat16(), b))  # fp32 bias (autocast's nn.Linear keeps it)
+        add("bias_gelu_fwd_half", (x.half(), b.half()))
         (logits, targets), _ = _inputs(cases.CaseSpec("cross_entropy", B=3, T=5, H=40, layouts=lay(2)))
         loss, lse = ops.cross_entropy_fwd(logits, targets)
         add("cross_entropy_fwd", (logits, targets), True)

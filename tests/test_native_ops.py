@@ -206,6 +206,43 @@ def test_cross_entropy_errors_and_thread_independence(native):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inference_forwards_in_the_input_dtype(native, monkeypatch, dtype):
+    """bf16/fp16 under no_grad (the bf16 MAGIC-A anchor): qkv_attention runs ATen's fused attention on
+    the packed views, bias_gelu and add_dropout_layernorm half-precision C++ forwards with fp32 math
+    (the LayerNorm with the fp32 kernel's hashed keep pattern), all within the fp64 rule on padded and all-padding
+    batches; with autograd recording they keep the fp32 kernels."""
+    taken = []
+    monkeypatch.setattr(native, "_sdpa_qkv", lambda *a, _f=native._sdpa_qkv: taken.append(1) or _f(*a))
+    ops = get_ops("native")
+    for spec in [cases.CaseSpec("qkv_attention", B=3, heads=2, T=T, dh=dh, mask=m, dtype=dtype, scale=sc)
+                 for T, dh, m, sc in ((37, 24, "mixed", 1.0), (9, 8, "all_pad", 1.0), (9, 8, "lengths", 30.0))]:
+        checks = cases.judge(cases.build(spec), ops)
+        assert not cases.failures(checks), (spec.describe(), cases.failures(checks))
+    assert len(taken) == 3  # the no-grad forward of each case, not the forwards that record a graph
+    x = torch.randn(2, 5, 37, dtype=dtype, requires_grad=True)  # 37: a vector tail after two full lanes
+    tol = dict(atol=0.02 if dtype == torch.bfloat16 else 2e-3, rtol=0.01 if dtype == torch.bfloat16 else 1e-3)
+    for b in (torch.randn(37, dtype=dtype), torch.randn(37)):  # bias in x's dtype or fp32 (autocast)
+        with torch.no_grad():
+            y = native.bias_gelu(x, b)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref.bias_gelu(x.double(), b.double()).float(), **tol)
+    assert native.bias_gelu(x, b).grad_fn.name().endswith("_BiasGeluBackward")
+    # the fused LayerNorm tail: a bf16/fp16 C++ forward with the fp32 kernel's keep pattern
+    for spec in (cases.CaseSpec("add_dropout_layernorm", B=3, T=37, H=72, dropout=0.1, dtype=dtype),
+                 cases.CaseSpec("add_dropout_layernorm", B=2, T=5, H=17, dtype=dtype, scale=30.0)):
+        assert not cases.failures(cases.judge(cases.build(spec), ops)), spec.describe()
+    w, bias = torch.randn(37), torch.randn(37)
+    for r in (torch.randn(2, 5, 37, dtype=dtype), torch.randn(2, 5, 37)):  # a half or an fp32 residual stream
+        with torch.no_grad():
+            torch.manual_seed(5)
+            half = native.add_dropout_layernorm(x, r, w, bias, 0.3, True, 1e-5)
+            torch.manual_seed(5)
+            full = native.add_dropout_layernorm(x.float(), r.float(), w, bias, 0.3, True, 1e-5)
+        assert half.dtype == r.dtype  # the residual stream keeps its precision
+        torch.testing.assert_close(half.float(), full, **tol)
+
+
 def test_attention_strided_views(native):
     """q, k, v as head-split views of one [B, T, 3, h, dh] projection (no copies needed)."""
     B, T, h, dh = 2, 37, 3, 16

@@ -186,6 +186,13 @@ class MultiHeadAttention(Candidate):
         return AttentionCandidate(hidden, self.heads, cfg)
 
 
+def _gelu_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple:
+    """(x @ W^T, bias) for bias_gelu, the bias in the projection's dtype: under autocast it joins in
+    bf16 as nn.Linear's own bias would, instead of promoting the [rows, inner] activation to fp32."""
+    h = F.linear(x, linear.weight)
+    return h, linear.bias.to(h.dtype)
+
+
 class FeedForwardCandidate(Sublayer):
     def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
         super().__init__(hidden, cfg)
@@ -193,7 +200,7 @@ class FeedForwardCandidate(Sublayer):
         self.fc2 = nn.Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        inner = ops.bias_gelu(*_gelu_inputs(x, self.fc1))
         return self.tail(ops, ops.linear(inner, self.fc2.weight, self.fc2.bias), x)
 
 
@@ -227,7 +234,7 @@ class GatedFeedForwardCandidate(Sublayer):
         self.down = nn.Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
-        inner = ops.bias_gelu(F.linear(x, self.gate.weight), self.gate.bias) * ops.linear(x, self.up.weight, self.up.bias)
+        inner = ops.bias_gelu(*_gelu_inputs(x, self.gate)) * ops.linear(x, self.up.weight, self.up.bias)
         return self.tail(ops, ops.linear(inner, self.down.weight, self.down.bias), x)
 
 
