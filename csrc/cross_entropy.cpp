@@ -26,7 +26,7 @@ void check_inputs(const char* who, const at::Tensor& x, const at::Tensor& t) {
 template <typename T>
 void fwd_kernel(const T* x, const int64_t* t, T* lse, double* row_loss, int64_t M, int64_t V) {
   using Vec = Vectorized<T>;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / V), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * V;
       Vec mx(-std::numeric_limits<T>::infinity());
@@ -52,7 +52,7 @@ void fwd_kernel(const T* x, const int64_t* t, T* lse, double* row_loss, int64_t 
 template <typename T>
 void bwd_kernel(const T* x, const int64_t* t, const T* lse, T scale, T* dx, int64_t M, int64_t V) {
   using Vec = Vectorized<T>;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / V), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * V;
       T* dr = dx + r * V;

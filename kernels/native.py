@@ -422,7 +422,7 @@ class _Linear(torch.autograd.Function):
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """FFN inner activation: exact (erf) GELU of ``x + bias``. x [..., D], bias [D]."""
     _require()
-    if _half_inference(x, bias):
+    if _half_inference(x, bias) and bias.dtype == x.dtype:  # else the output promotes, as the reference's
         return torch.ops.nasfast.bias_gelu_fwd_half(x, bias)  # fp32 math per row in cache (see _half_inference)
     return _BiasGelu.apply(x, bias)
 
@@ -537,6 +537,8 @@ def _sdpa_qkv(qkv: torch.Tensor, heads: int, token_mask: Optional[torch.Tensor])
     """bf16/fp16 inference (see _half_inference): ATen's fused CPU attention on views of the packed qkv,
     with this op's semantics (key-padding mask; every row of an all-padding sequence outputs zeros)."""
     B, T, H3 = qkv.shape
+    if token_mask is not None and tuple(token_mask.shape) != (B, T):  # no broadcasting: the C++ op's check
+        raise RuntimeError("attention_qkv: token_mask must be [B, T]")
     H = H3 // 3
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)
     keys = None if token_mask is None else token_mask.to(torch.bool)

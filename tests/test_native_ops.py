@@ -222,12 +222,16 @@ def test_half_inference_forwards_in_the_input_dtype(native, monkeypatch, dtype):
     assert len(taken) == 3  # the no-grad forward of each case, not the forwards that record a graph
     x = torch.randn(2, 5, 37, dtype=dtype, requires_grad=True)  # 37: a vector tail after two full lanes
     tol = dict(atol=0.02 if dtype == torch.bfloat16 else 2e-3, rtol=0.01 if dtype == torch.bfloat16 else 1e-3)
-    for b in (torch.randn(37, dtype=dtype), torch.randn(37)):  # bias in x's dtype or fp32 (autocast)
+    for b in (torch.randn(37, dtype=dtype), torch.randn(37)):  # bias in x's dtype, or fp32: output promotes
         with torch.no_grad():
             y = native.bias_gelu(x, b)
-        assert y.dtype == dtype
+        assert y.dtype == torch.promote_types(dtype, b.dtype) == ref.bias_gelu(x, b).dtype
         torch.testing.assert_close(y.float(), ref.bias_gelu(x.double(), b.double()).float(), **tol)
     assert native.bias_gelu(x, b).grad_fn.name().endswith("_BiasGeluBackward")
+    qkv = torch.randn(2, 5, 24, dtype=dtype)
+    for bad in (torch.ones(1, 5, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)):  # no silent broadcast
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"token_mask must be \[B, T\]"):
+            native.qkv_attention(qkv, 2, bad)
     # the fused LayerNorm tail: a bf16/fp16 C++ forward with the fp32 kernel's keep pattern
     for spec in (cases.CaseSpec("add_dropout_layernorm", B=3, T=37, H=72, dropout=0.1, dtype=dtype),
                  cases.CaseSpec("add_dropout_layernorm", B=2, T=5, H=17, dtype=dtype, scale=30.0)):
