@@ -127,14 +127,14 @@ def pretrain_standalone(run, model, forward, steps: int, lr: float | None = None
 
     from nasfast.space.evaluation import evaluate_mlm
     from nasfast.data.blocks import micro_batches
-    from nasfast.training.optim import build_optimizer, clip_and_step, lr_lambda
+    from nasfast.training.optim import build_optimizer, build_scheduler, clip_and_step
 
     cfg, device, corpus = copy.deepcopy(run.cfg), run.device, run.corpus
     if lr is not None:
         cfg.train.lr = lr
     t = cfg.train
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, steps), steps, t.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, cfg, steps)
     started, losses = time.perf_counter(), []
     model.train()
     for step in range(steps):

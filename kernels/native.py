@@ -29,7 +29,9 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -134,10 +136,18 @@ def _build() -> str:
     cflags = ["-O3", "-fopenmp", "-Wno-c++20-extensions", "-Wno-unused-function", *_ARCH_FLAGS[arch]]
     build_dir = _build_dir(arch, src)
     build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"nasfast_native_{arch}"
     with _build_lock(build_dir):
         sources = _stage_sources(src, build_dir / "src")
+        # The first build on a machine takes minutes of silence otherwise: say when it starts and ends
+        # (checked under the lock, so a process that waited for another's build says nothing).
+        compiling = not (build_dir / f"{name}.so").exists()
+        if compiling:
+            print(f"nasfast: compiling the native C++ ops once for this machine ({arch}) into {build_dir}; "
+                  f"this takes a few minutes", file=sys.stderr, flush=True)
+            started = time.perf_counter()
         cpp_extension.load(
-            name=f"nasfast_native_{arch}",
+            name=name,
             sources=sources,
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],  # libgomp.so.1: the same soname torch's own runtime is loaded as
@@ -146,6 +156,9 @@ def _build() -> str:
             is_python_module=False,  # plain TORCH_LIBRARY .so, loaded with torch.ops.load_library
             verbose=os.environ.get("NASFAST_NATIVE_VERBOSE") == "1",
         )
+        if compiling:
+            print(f"nasfast: native C++ ops built in {time.perf_counter() - started:.0f} s (cached for later runs)",
+                  file=sys.stderr, flush=True)
     return str(build_dir)
 
 

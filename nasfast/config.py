@@ -296,7 +296,7 @@ def validate(cfg: Config) -> None:
     require(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
     require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    require(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps must be in [0, train.steps], got {t.warmup_steps}")
+    require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")  # above train.steps: clipped (optim.warmup_steps)
     require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     require(t.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 disables), got {t.clip_norm}")
     require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")

@@ -101,6 +101,9 @@ def test_finetune_beats_chance_on_sentiment_and_resumes(exported, tmp_path, caps
     argv = ["finetune", "--model", str(exported), "--task", str(train), "--dev", str(dev), "--test", str(test), "--epochs", "4",
             "--lr", "3e-3", "--max-len", "32", "--seeds", "0", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
+    stdout = capsys.readouterr().out.splitlines()  # no raw Trainer log dicts: one line per dev evaluation
+    assert not [l for l in stdout if l.lstrip().startswith("{")], stdout
+    assert len([l for l in stdout if l.startswith("seed 0 step ") and ": dev accuracy " in l]) == 4, stdout
     res = json.loads((out / "results.json").read_text())
     majority = res["majority_baseline"]["test"]  # 0.528: the test labels are not balanced
     assert res["test_accuracy"]["mean"] > majority + 0.03 and res["dev_accuracy"]["mean"] > 0.56, res

@@ -201,7 +201,7 @@ class DeepSpeedEngine:
                  run_dir: Optional[Path] = None):
         import deepspeed
 
-        from nasfast.training.optim import lr_lambda
+        from nasfast.training.optim import build_scheduler
         from nasfast.space.candidates import CandidateModule
 
         self.cfg, self.world, self.device, self.run_dir = cfg, world, device, run_dir
@@ -214,8 +214,7 @@ class DeepSpeedEngine:
             leaves = {type(m) for m in model.modules() if isinstance(m, CandidateModule) and next(m.parameters(), None) is not None}
             deepspeed.utils.set_z3_leaf_modules(model, sorted(leaves, key=lambda c: c.__qualname__))
         self.optimizer = ChildAdamW(candidate_param_groups(model, cfg), lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
-        t = cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         # The forward runs through engine(...): DeepSpeed's forward prologue is part of its gradient
         # accumulation bookkeeping (ZeRO-3 counts micro-steps there; called around it, each micro-batch
         # would overwrite the previous one's gradients instead of adding to them).

@@ -140,11 +140,16 @@ class NasfastModel(NasfastPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,  # accepted for BERT-style callers; there are no segment embeddings
         output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutput:
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            # Fail loudly rather than return attentions=None the way an ignored flag would.
+            raise ValueError("output_attentions=True is not supported by nasfast models: the fused attention ops never "
+                             "materialise the attention probabilities (hidden states are: output_hidden_states=True)")
         token_mask = None if attention_mask is None else attention_mask.bool()
         ops = self.ops_for(input_ids.device)
         x = self.embeddings(input_ids, ops)
@@ -172,10 +177,12 @@ class NasfastForMaskedLM(NasfastPreTrainedModel):
         token_type_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        out = self.nasfast(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        out = self.nasfast(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions)
         # The decoder is the token embedding itself (read at call time), so it stays tied through
         # save/load and resizing without a separate tied parameter.
         logits = self.head(out.last_hidden_state, self.nasfast.embeddings.tokens.weight)
@@ -216,10 +223,12 @@ class NasfastForSequenceClassification(NasfastPreTrainedModel):
         token_type_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        out = self.nasfast(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        out = self.nasfast(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions)
         logits = self.classifier(out.last_hidden_state)
         loss = None
         if labels is not None:

@@ -3,10 +3,12 @@ standalone children of ground truth (so both follow exactly the same update rule
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from nasfast.config import Config
+from nasfast.config import Config, TrainConfig
+from nasfast.errors import warn
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -52,9 +54,32 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+_warmup_noticed: set[tuple[int, int]] = set()
+
+
+def warmup_steps(t: TrainConfig, steps: int | None = None) -> int:
+    """The warm-up a run of ``steps`` (default ``train.steps``) uses: ``train.warmup_steps``, or, when
+    that is longer than the whole run, a tenth of the run, said once in one line.
+
+    One rule for the supernet trainer (every engine) and ground truth's standalone children, so
+    ``--set train.steps=10`` or ``ground-truth --steps 10`` run with the default warm-up instead of
+    being refused or spending the whole run warming up."""
+    steps = t.steps if steps is None else steps
+    if t.warmup_steps <= steps:
+        return t.warmup_steps
+    clipped = steps // 10
+    if (t.warmup_steps, steps) not in _warmup_noticed and os.environ.get("RANK", "0") == "0":
+        _warmup_noticed.add((t.warmup_steps, steps))
+        warn(f"train.warmup_steps={t.warmup_steps} is more than the {steps} training steps; "
+             f"warming up for {clipped} steps (a tenth of the run)")
+    return clipped
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up (``warmup_steps``) then linear decay over ``steps`` (default ``train.steps``)."""
     t = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    steps = t.steps if steps is None else steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps(t, steps), steps, t.min_lr_ratio))
 
 
 def retarget_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
