@@ -20,6 +20,8 @@ from runhelpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
+USER_TEXT = "\n".join([README, (ROOT / "CONTRIBUTING.md").read_text(), *DOCS.values()])  # what users read
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +36,8 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def _synopsis() -> dict[str, str]:
-    """The README's command-line synopsis, one text per subcommand (its line and continuation lines)."""
-    block = README.split("## Command line", 1)[1].split("```", 2)[1]
+    """docs/cli.md's synopsis, one text per subcommand (its line and continuation lines)."""
+    block = DOCS["cli.md"].split("```", 2)[1]
     groups: dict[str, str] = {}
     current = None
     for line in block.splitlines():
@@ -47,8 +49,8 @@ def _synopsis() -> dict[str, str]:
     return groups
 
 
-def _code_lines() -> list[str]:
-    return [l for block in re.findall(r"```(?:bash)?\n(.*?)```", README, re.S) for l in block.splitlines()]
+def _code_lines(text: str = USER_TEXT) -> list[str]:
+    return [l for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S) for l in block.splitlines()]
 
 
 # --- class 5: README and help are correct and complete -------------------------------------------------
@@ -64,15 +66,15 @@ def test_every_option_of_every_subcommand_is_in_its_help_and_the_synopsis():
                 if opt not in help_text:
                     missing.append(f"{name} {opt} (--help)")
                 if not re.search(re.escape(opt) + r"(?![\w-])", synopsis.get(name, "")):
-                    missing.append(f"{name} {opt} (README synopsis)")
+                    missing.append(f"{name} {opt} (docs/cli.md synopsis)")
     assert not missing, missing
 
 
-def test_the_readme_describes_configs_tiny_as_it_is():
+def test_the_docs_describe_configs_tiny_as_it_is():
     tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     said = re.search(r"`configs/tiny\.yaml` is the CPU default \(H=(\d+), (\d+) layers, (\d+) candidates, "
-                     r"vocab (\d+), (\d+) steps of\s+(\d+) x (\d+) tokens", README)
-    assert said, "README lost its description of configs/tiny.yaml"
+                     r"vocab (\d+), (\d+) steps of\s+(\d+) x (\d+) tokens", DOCS["configuration.md"])
+    assert said, "docs/configuration.md lost its description of configs/tiny.yaml"
     assert [int(g) for g in said.groups()] == [
         tiny["model"]["hidden"], tiny["space"]["layers"], len(tiny["space"]["candidates"]), tiny["data"]["vocab_size"],
         tiny["train"]["steps"], tiny["train"]["batch_size"], tiny["data"]["block_size"]]
@@ -80,19 +82,19 @@ def test_the_readme_describes_configs_tiny_as_it_is():
 
 def test_every_install_line_uses_the_venv_and_the_lock():
     installs = [l for l in _code_lines() if re.search(r"\bpip install\b", l)]
-    assert len(installs) >= 3  # the two README commands and DeepSpeed's
+    assert len(installs) >= 4  # the two README commands, DeepSpeed's, CONTRIBUTING's
     for line in installs:
         assert ".venv/bin/pip install -c .ci/constraints.txt torch==2.13.0" in line, line
 
 
 def test_the_pipeline_finetune_uses_the_defaults_the_text_recommends():
-    line = next(l for l in _code_lines() if l.startswith("nasfast finetune --model models/"))
+    line = next(l for l in _code_lines(README) if l.startswith("nasfast finetune --model models/"))
     args = build_parser().parse_args(shlex.split(line)[1:])
     defaults = build_parser().parse_args(["finetune", "--model", "m", "--task", "sentiment", "--out", "o"])
     for key in ("steps", "epochs", "lr", "batch_size", "max_len", "evals"):
         assert getattr(args, key) == getattr(defaults, key), key
-    recommended = re.search(r"\(`--steps`, default (\d+), at `--lr` ([0-9e.-]+)", README)
-    assert recommended, "README lost the finetune defaults"
+    recommended = re.search(r"\(`--steps`, default (\d+), at `--lr` ([0-9e.-]+)", DOCS["nas.md"])
+    assert recommended, "docs/nas.md lost the finetune defaults"
     from nasfast.nas.finetune import FinetuneSettings
 
     settings = FinetuneSettings()
@@ -105,12 +107,12 @@ def test_every_environment_variable_nasfast_reads_is_documented():
     for path in sources:
         read |= set(re.findall(r"(?:environ(?:\.get)?[\[(]|getenv\()\s*\"(NASFAST_[A-Z_]+)\"", path.read_text()))
     assert {"NASFAST_BUILD_DIR", "NASFAST_CACHE", "NASFAST_NATIVE_GEMM"} <= read  # the scan finds py and C++ reads
-    table = README.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    table = DOCS["cli.md"].split("## Environment variables", 1)[1].split("\n## ", 1)[0]
     assert not [v for v in sorted(read) if f"`{v}`" not in table]
 
 
 def test_the_example_output_folders_are_git_ignored():
-    outs = {m for m in re.findall(r"--out ([a-z][\w./-]*)", README) if not m.startswith("benchmarks/")}
+    outs = {m for m in re.findall(r"--out ([a-z][\w./-]*)", USER_TEXT) if not m.startswith("benchmarks/")}
     assert {"models/searched", "ft/searched-sentiment", "runs/tiny"} <= outs
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outs)], cwd=ROOT, capture_output=True, text=True)
     assert sorted(ignored.stdout.split()) == sorted(outs), ignored
