@@ -17,95 +17,115 @@ import yaml
 from nasfast.errors import UserError, require
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one help text, written once: ``docs/configuration.md`` and
+    ``nasfast pretrain --help-config`` are generated from it (``config_reference``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    hidden: int = 128
-    max_len: int = 128  # position embeddings
-    dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
+    """Sizes shared by every candidate and the embeddings / MLM head."""
+
+    hidden: int = opt(128, "hidden size H of every layer")
+    max_len: int = opt(128, "position embeddings (the longest sequence a model or its export accepts); >= data.block_size")
+    dropout: float = opt(0.1, "dropout of every sub-layer and the embeddings, in [0, 1)")
+    layer_norm_eps: float = opt(1e-12, "LayerNorm epsilon")
+    init_std: float = opt(0.02, "standard deviation of the normal weight initialisation")
 
 
 @dataclass
 class SpaceConfig:
-    layers: int = 6
-    candidates: list = field(
-        default_factory=lambda: ["mha:2", "mha:4", "mha:8", "ffn:256", "ffn:512", "conv:3", "conv:5", "conv:7", "identity"]
-    )
+    """The search space: every layer picks one of the candidates."""
+
+    layers: int = opt(6, "layers L of the supernet")
+    candidates: list = opt(["mha:2", "mha:4", "mha:8", "ffn:256", "ffn:512", "conv:3", "conv:5", "conv:7", "identity"],
+                           "candidate operators of every layer: `mha:h` (h heads), `ffn:d`, `geglu:d` (gated FFN), "
+                           "`conv:k` (odd k), `identity`; more kinds register in nasfast/space/candidates.py")
 
 
 @dataclass
 class DataConfig:
-    corpus: list = field(default_factory=lambda: ["default"])  # "default" = embedded corpus, or files/dirs
-    max_chars_per_file: Optional[int] = None  # cap text read per file (None: all)
-    vocab_size: int = 8192
-    lowercase: bool = True
-    block_size: int = 128
-    mlm_probability: float = 0.15
-    dev_blocks: int = 256
-    # Of the dev blocks, the last ``anchor_blocks`` form MAGIC-A's anchor-selection split; they are
-    # never used for evaluation (estimates, ground truth, dev curves), so choosing the anchor does not
-    # peek at the data the ranking is judged on.
-    anchor_blocks: int = 0
-    # A folder made by `nasfast prepare-data` (memory-mapped blocks + manifest), or one with tokenizer/
-    # and blocks.npz (e.g. a run's data/ folder): use exactly these tokens instead of tokenizing
-    # data.corpus. WordPiece training differs between machines, so this is how an experiment pins its
-    # data across machines, and how large corpora are tokenized once for many runs.
-    prepared: Optional[str] = None
-    cache_dir: Optional[str] = None  # tokenized-corpus cache (default $NASFAST_CACHE or ~/.cache/nasfast)
-    text_column: str = "text"  # the text field of .jsonl / .parquet / saved-dataset inputs
-    # An existing local Hugging Face tokenizer folder (e.g. a BERT WordPiece vocabulary) instead of
-    # training one here; vocab_size and lowercase are then the tokenizer's own.
-    tokenizer: Optional[str] = None
-    tokenizer_sample_chars: int = 100_000_000  # text the tokenizer is trained on, split evenly over inputs
-    # A run folder keeps its own copy of data this small (tokens, MB) so it does not depend on the cache;
-    # larger data are recorded by path and content hash (resume/evaluate refuse a different hash).
-    copy_max_mb: float = 64.0
-    num_proc: int = 1  # tokenizer processes when pretrain prepares the data itself
-    prefetch: bool = True  # build step s+1's batches on a background thread while step s computes
+    """Text in, token blocks out."""
+
+    corpus: list = opt(["default"], "`default` (the embedded corpus), or .txt[.gz], .jsonl[.gz], .parquet files, saved "
+                                    "`datasets` folders and folders of them; several are read in order")
+    max_chars_per_file: Optional[int] = opt(None, "cap on the text read per file (null: all)")
+    vocab_size: int = opt(8192, "WordPiece vocabulary trained on the corpus (>= 100)")
+    lowercase: bool = opt(True, "lowercase the text before tokenizing")
+    block_size: int = opt(128, "tokens per training sequence (>= 8)")
+    mlm_probability: float = opt(0.15, "share of tokens masked for masked-LM, in (0, 1)")
+    dev_blocks: int = opt(256, "blocks held out for dev evaluation")
+    anchor_blocks: int = opt(0, "the last dev blocks reserved for MAGIC-A's anchor selection; never used for "
+                                "evaluation (estimates, ground truth, dev curves), so choosing the anchor does not "
+                                "peek at the data the ranking is judged on")
+    prepared: Optional[str] = opt(None, "a folder made by `nasfast prepare-data`, or a run's data/ (tokenizer/ + "
+                                        "blocks.npz): train on exactly those tokens instead of tokenizing data.corpus "
+                                        "(how an experiment pins its data across machines)")
+    cache_dir: Optional[str] = opt(None, "tokenized-corpus cache (null: $NASFAST_CACHE or ~/.cache/nasfast)")
+    text_column: str = opt("text", "the text field of .jsonl / .parquet / saved-dataset inputs")
+    tokenizer: Optional[str] = opt(None, "an existing local Hugging Face tokenizer folder instead of training one "
+                                         "(vocab_size and lowercase are then the tokenizer's own)")
+    tokenizer_sample_chars: int = opt(100_000_000, "text the tokenizer is trained on, split evenly over the inputs")
+    copy_max_mb: float = opt(64.0, "a run folder copies its tokens up to this size (MB); larger data are referenced "
+                                   "by path and content hash (resume and evaluate refuse another hash)")
+    num_proc: int = opt(1, "tokenizer processes when pretrain prepares the data itself")
+    prefetch: bool = opt(True, "build step s+1's batches on a background thread while step s computes")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    steps: int = 300
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio at the last step
-    clip_norm: float = 1.0
-    bf16: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
-    eval_random_children: int = 3
-    ckpt_every: int = 100
-    deepspeed: Optional[str] = None  # a DeepSpeed JSON (ZeRO-1/2/3, e.g. configs/ds/zero2.json); None = the plain engine
+    """The optimisation, logging, evaluation and checkpoint cadence of a run."""
+
+    seed: int = opt(0, "seed of the weights, the children, the batches, the masking and dropout")
+    steps: int = opt(300, "training steps (one child per step)")
+    batch_size: int = opt(32, "sequences per micro-batch per rank")
+    grad_accum: int = opt(1, "micro-batches per step")
+    lr: float = opt(1e-3, "peak learning rate of AdamW")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms)")
+    warmup_steps: int = opt(30, "linear warm-up steps, then linear decay; longer than the run: a tenth of the run, "
+                                "with a notice (pretrain and ground-truth alike)")
+    min_lr_ratio: float = opt(0.1, "the learning rate decays linearly to lr * min_lr_ratio at the last step")
+    clip_norm: float = opt(1.0, "gradient-norm clipping (0 disables)")
+    bf16: bool = opt(False, "bf16 autocast")
+    device: str = opt("auto", "auto | cpu | cuda")
+    log_every: int = opt(10, "steps between metrics.jsonl lines")
+    eval_every: int = opt(100, "steps between dev evaluations of the reference children")
+    eval_batches: int = opt(4, "dev batches per evaluation")
+    eval_random_children: int = opt(3, "fixed random children evaluated besides the reference children")
+    ckpt_every: int = opt(100, "steps between checkpoints")
+    deepspeed: Optional[str] = opt(None, "a DeepSpeed JSON (ZeRO-1/2/3, e.g. configs/ds/zero2.json): train through "
+                                         "DeepSpeed; null: the plain engine (docs/deepspeed.md)")
 
 
 @dataclass
 class SamplerConfig:
-    name: str = "spos"  # spos | magic-t | magic-a | magic
-    k: int = 1  # MAGIC-T: layers changed per step (1 = the paper's; k = layers forces every layer to change, not SPOS)
-    walk: str = "uniform"  # MAGIC-T: uniform | balanced (shuffled round-robin layers, least-visited candidate)
+    """Which child trains at each step."""
+
+    name: str = opt("spos", "spos (uniform child) | magic-t (each step changes k layers of the previous child) | "
+                            "magic-a (uniform child + alignment to the anchor) | magic (both)")
+    k: int = opt(1, "MAGIC-T: layers changed per step (1 is the paper's; k = layers forces every layer to change, "
+                    "which is not SPOS)")
+    walk: str = opt("uniform", "MAGIC-T: uniform | balanced (shuffled round-robin layers, least-visited candidate)")
 
 
 @dataclass
 class AlignConfig:
     """MAGIC-A's alignment loss; used by the samplers whose ``aligns`` is true (magic-a, magic)."""
 
-    weight: float = 0.1  # λ of the alignment term
-    anchor_every: int = 20  # steps between anchor challenges (anchor and child re-scored together)
-    anchor_init: str = "best:8"  # best:N (best of N random children) | random | largest | an arch string
-    anchor_warmup: Optional[int] = None  # steps before the anchor is chosen and alignment starts (None: 10% of train.steps)
-    prefix_sharing: bool = True  # share the child/anchor common prefix of layers (exact)
-    # fp32 | bf16: bf16 runs the anchor's no-grad forward under bf16 autocast (its matmuls ~7x faster on
-    # an AMX CPU; on GPUs bf16 is the usual precision anyway); the target is then rounded to bf16
-    # precision. The anchor challenge always scores in the training precision.
-    anchor_precision: str = "fp32"
+    weight: float = opt(0.1, "λ of the alignment term λ · Σ_l mean((h_l(child) − h_l(anchor))²)")
+    anchor_every: int = opt(20, "steps between anchor challenges (anchor and child re-scored together on the "
+                                "current weights)")
+    anchor_init: str = opt("best:8", "best:N (best of N random children) | random | largest | an arch string")
+    anchor_warmup: Optional[int] = opt(None, "steps of plain MLM before the anchor is chosen and alignment starts "
+                                             "(null: 10% of train.steps)")
+    prefix_sharing: bool = opt(True, "compute the layers child and anchor share before their first difference once "
+                                     "(exactly the naive loss and gradients)")
+    anchor_precision: str = opt("fp32", "fp32 | bf16: bf16 runs the anchor's no-grad forward under bf16 autocast "
+                                        "(a bf16-rounded target, cheaper where bf16 matmuls are fast); the child and "
+                                        "the anchor challenge stay in the training precision")
 
     def warmup_steps(self, total_steps: int) -> int:
         return total_steps // 10 if self.anchor_warmup is None else self.anchor_warmup
@@ -113,7 +133,10 @@ class AlignConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"  # auto | eager | triton | native (auto: triton on CUDA, native C++ on CPU)
+    """Which implementation of the fused ops runs."""
+
+    backend: str = opt("auto", "auto (Triton on CUDA, native C++ on CPU, else eager) | eager (PyTorch references) | "
+                               "triton | native")
 
 
 @dataclass
@@ -305,5 +328,42 @@ def validate(cfg: Config) -> None:
     require(t.eval_random_children >= 0, "train.eval_random_children must be >= 0")
 
 
+def config_keys() -> list[tuple[str, Any, str]]:
+    """Every config key as (``section.key``, default, help), in the dataclasses' order."""
+    out = []
+    for section in dataclasses.fields(Config):
+        defaults = section.default_factory()
+        for f in dataclasses.fields(defaults):
+            out.append((f"{section.name}.{f.name}", getattr(defaults, f.name), f.metadata.get("help", "")))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as one would write it in YAML or --set."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_reference() -> str:
+    """The markdown reference of every key (the generated part of docs/configuration.md)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        doc = (section.default_factory.__doc__ or "").strip().splitlines()[0]
+        lines += [f"### `{section.name}`", "", doc, "", "| key | default | meaning |", "| --- | --- | --- |"]
+        lines += [f"| `{key.split('.', 1)[1]}` | `{_yaml_value(default)}` | {help.replace('|', '&#124;')} |"
+                  for key, default, help in config_keys() if key.startswith(section.name + ".")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_help_text() -> str:
+    """The same texts for a terminal (``nasfast pretrain --help-config``)."""
+    return "\n".join(f"{key} (default {_yaml_value(default)}): {help.replace('`', '')}" for key, default, help in config_keys())
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

@@ -27,3 +27,28 @@ def test_every_relative_link_resolves():
 def test_the_docs_index_lists_every_page():
     readme = (ROOT / "README.md").read_text()
     assert not [p.name for p in (ROOT / "docs").glob("*.md") if f"(docs/{p.name})" not in readme]
+
+
+def test_the_configuration_reference_is_generated_from_config_py():
+    from nasfast.configdoc import with_reference
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == with_reference(page), "docs/configuration.md is stale: python -m nasfast.configdoc docs/configuration.md"
+
+
+def test_every_config_key_has_one_help_text():
+    from nasfast.config import config_keys
+
+    keys = config_keys()
+    assert len(keys) >= 50 and not [k for k, _, help in keys if len(help) < 8]
+
+
+def test_pretrain_help_config_prints_the_same_help_texts():
+    from nasfast.config import config_keys
+    from runhelpers import cli
+
+    res = cli("pretrain", "--help-config")  # no --out needed: it only lists
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [l.split(" ", 1)[0] for l in lines] == [k for k, _, _ in config_keys()]
+    assert "train.warmup_steps (default 30): linear warm-up steps" in res.stdout

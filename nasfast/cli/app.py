@@ -112,6 +112,19 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpConfig(argparse.Action):
+    """``--help-config``: the help text of every config key (those of docs/configuration.md), then exit 0."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from nasfast.config import config_help_text
+
+        print(config_help_text())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nasfast", description="Weight-sharing NAS supernets over a BERT search space (SPOS, MAGIC-T, MAGIC-A)."
@@ -125,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--help-config", action=_HelpConfig, help="list every config key with its default and meaning, and exit")
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="train with DeepSpeed ZeRO (e.g. configs/ds/zero2.json); "
                                                               "shortcut for --set train.deepspeed=...")
     p = sub.add_parser("prepare-data", help="tokenize a corpus once into memory-mapped token blocks",

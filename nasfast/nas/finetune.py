@@ -38,6 +38,7 @@ from typing import Optional
 
 from nasfast.files import atomic_write_text
 from nasfast.errors import UserError
+from nasfast.nas.trainer_output import one_line_per_evaluation
 
 TASKS = {"sentiment": "mr_sentiment", "wic": "wic_wordnet"}
 SPLIT = (0.8, 0.1, 0.1)
@@ -330,7 +331,7 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                           data_collator=collator, compute_metrics=accuracy)
-        _quiet_trainer_logs(trainer, seed)
+        one_line_per_evaluation(trainer, seed)
         trainer.train()
         dev = trainer.evaluate(data["dev"], metric_key_prefix="dev")
         test = trainer.evaluate(data["test"], metric_key_prefix="test")
@@ -368,36 +369,6 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
     }
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _quiet_trainer_logs(trainer, seed: int) -> None:
-    """Trainer prints every log dict (``{'loss': ..., 'grad_norm': ...}``) to stdout, a flood over a long
-    run; keep its progress bars, drop those dicts, and print one line per dev evaluation instead."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
-
-    class Bars(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    class EvalLines(TrainerCallback):
-        def __init__(self, bars: Optional[Bars]):
-            self.bars = bars
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if not (state.is_world_process_zero and metrics and "eval_accuracy" in metrics):
-                return  # the final dev/test evaluations are reported once per seed by the caller
-            line = f"seed {seed} step {state.global_step}/{state.max_steps}: dev accuracy {metrics['eval_accuracy']:.4f}"
-            bar = self.bars.training_bar if self.bars is not None else None
-            if bar is None:
-                print(line, flush=True)
-            else:
-                bar.write(line)  # above the progress bar, not through it
-
-    trainer.remove_callback(PrinterCallback)
-    bars = Bars() if trainer.pop_callback(ProgressCallback) is not None else None
-    if bars is not None:
-        trainer.add_callback(bars)
-    trainer.add_callback(EvalLines(bars))
 
 
 def _majority(task: Task) -> dict:
