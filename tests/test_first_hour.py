@@ -153,7 +153,7 @@ def test_the_native_build_says_when_it_starts_and_ends(tmp_path, monkeypatch, ca
     compiler replaced by a stand-in that writes the library (a real build takes minutes)."""
     from torch.utils import cpp_extension
 
-    from nasfast.kernels import native
+    from nasfast.kernels import native_build
 
     built = []
 
@@ -163,11 +163,11 @@ def test_the_native_build_says_when_it_starts_and_ends(tmp_path, monkeypatch, ca
 
     monkeypatch.setenv("NASFAST_BUILD_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    native._build()
+    native_build._build()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith("nasfast: compiling the native C++ ops once") and str(tmp_path) in err[0]
     assert re.fullmatch(r"nasfast: native C\+\+ ops built in \d+ s \(cached for later runs\)", err[1]), err
-    native._build()  # built: ninja would find nothing to do, and nothing is said
+    native_build._build()  # built: ninja would find nothing to do, and nothing is said
     assert capsys.readouterr().err == "" and len(built) == 2
 
 

@@ -23,6 +23,7 @@ import torch
 
 from nasfast.kernels.registry import get_op, get_ops
 from nasfast.kernels import cases
+from nasfast.kernels import native_build
 from nasfast.kernels import reference as ref
 
 FLOOR = 4e-6
@@ -379,7 +380,7 @@ def test_convergence_matches_eager(native, one_thread):
 def test_a_build_lock_left_by_a_killed_build_does_not_hang(native):
     """torch's JIT build waits forever on a ``lock`` file that a SIGKILLed build left behind; nasfast
     takes an OS lock (released when its holder dies) and clears such a file under it."""
-    build_dir = native._build_dir(native._arch(), native._sources_dir())
+    build_dir = native_build._build_dir(native_build._arch(), native_build._sources_dir())
     assert (build_dir / "nasfast.lock").exists()  # the session's build went through the OS lock
     (build_dir / "lock").write_text("")  # what a killed build leaves
     code = "import nasfast.kernels.native as n; assert n.available(), n.why_unavailable()"
@@ -389,26 +390,26 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang(native):
 
 
 def test_build_folder_follows_the_source_content(native, tmp_path):
-    src = native._sources_dir()
+    src = native_build._sources_dir()
     copy = tmp_path / "csrc"
     shutil.copytree(src, copy)
-    assert native._build_dir("avx2", copy) == native._build_dir("avx2", src)  # same content, same build
+    assert native_build._build_dir("avx2", copy) == native_build._build_dir("avx2", src)  # same content, same build
     first = sorted(copy.glob("*.cpp"))[0]
     first.write_text(first.read_text() + "\n// edited\n")
-    assert native._build_dir("avx2", copy) != native._build_dir("avx2", src)
+    assert native_build._build_dir("avx2", copy) != native_build._build_dir("avx2", src)
 
 
 def test_native_arch_env_caps_the_build_isa(native, monkeypatch):
     widest = {"AVX2": "avx2", "AVX512": "avx512"}.get(torch.backends.cpu.get_cpu_capability(), "default")
     monkeypatch.delenv("NASFAST_NATIVE_ARCH", raising=False)
-    assert native._arch() in (widest, "default")  # default only off x86
+    assert native_build._arch() in (widest, "default")  # default only off x86
     monkeypatch.setenv("NASFAST_NATIVE_ARCH", "default")
-    assert native._arch() == "default"
+    assert native_build._arch() == "default"
     monkeypatch.setenv("NASFAST_NATIVE_ARCH", "avx512")  # a cap never raises the ISA above the CPU's
-    assert native._arch() in (widest, "default")
+    assert native_build._arch() in (widest, "default")
     monkeypatch.setenv("NASFAST_NATIVE_ARCH", "sse9")
     with pytest.raises(ValueError, match="NASFAST_NATIVE_ARCH"):
-        native._arch()
+        native_build._arch()
 
 
 @pytest.mark.slow
@@ -417,20 +418,20 @@ def test_narrower_isa_builds_compute_what_the_widest_build_computes(native, arch
     """Each ISA is its own build (own folder, own .so); on the same inputs it must agree with the
     build this machine uses by default (fp32 within rounding of the vector width, fp64 tighter)."""
     uncapped = {k: v for k, v in os.environ.items() if k != "NASFAST_NATIVE_ARCH"}
-    widest = subprocess.run([sys.executable, "-c", "import nasfast.kernels.native as n; print(n._arch())"],
+    widest = subprocess.run([sys.executable, "-c", "import nasfast.kernels.native_build as n; print(n._arch())"],
                             env=uncapped, capture_output=True, text=True, check=True).stdout.strip()
     order = ["default", "avx2", "avx512"]
     if order.index(arch) >= order.index(widest):
         pytest.skip(f"this CPU's widest native build is {widest}: no narrower {arch} build to compare")
     code = r"""
 import sys, torch
-from nasfast.kernels import native
+from nasfast.kernels import native, native_build
 assert native.available(), native.why_unavailable()
 g = torch.Generator().manual_seed(0)
 x = torch.randn(37, 203, generator=g); b = torch.randn(203, generator=g); gy = torch.randn(37, 203, generator=g)
 qkv = torch.randn(3, 77, 3 * 40, generator=g); go = torch.randn(3, 77, 40, generator=g)
 mask = torch.ones(3, 77, dtype=torch.bool); mask[1, 50:] = False
-out = {"arch": native._arch(), "gelu": torch.ops.nasfast.bias_gelu_fwd(x, b),
+out = {"arch": native_build._arch(), "gelu": torch.ops.nasfast.bias_gelu_fwd(x, b),
        "gelu_bwd": torch.ops.nasfast.bias_gelu_bwd(gy, x, b)[0],
        "att": torch.ops.nasfast.attention_qkv_fwd(qkv, 5, mask)[0],
        "att_bwd": torch.ops.nasfast.attention_qkv_bwd(go, qkv, 5, mask)}
