@@ -52,6 +52,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out_dir: str) ->
 
     results = {}
     for job in jobs:
+        os.environ.pop("NASFAST_ZERO_CHILD_STEP", None)
+        os.environ.update(job.get("env", {}))  # read when the engine is built
         cfg = load_config(None, job["overrides"])
         trainer = Trainer(cfg, Path(out_dir) / job["name"], progress=False)
         initial = _full_parameters(trainer)
@@ -112,6 +114,11 @@ def test_zero_stages_equal_plain_data_parallel(tmp_path, sampler):
     jobs = [{"name": "plain", "overrides": _overrides(sampler)}]
     jobs += [{"name": f"zero{s}", "overrides": _overrides(sampler) + [f"train.deepspeed={DS_CONFIGS / f'zero{s}.json'}"]}
              for s in (1, 2, 3)]
+    fallback = [f"zero{s}-deepspeed-step" for s in (2, 3)] if sampler == "spos" else []
+    # DeepSpeed's own step, as on a DeepSpeed release the child-only step is not tested with: same semantics
+    jobs += [{"name": name, "env": {"NASFAST_ZERO_CHILD_STEP": "0"},
+              "overrides": _overrides(sampler) + [f"train.deepspeed={DS_CONFIGS / (name.split('-')[0] + '.json')}"]}
+             for name in fallback]
     r0, r1 = _spawn(tmp_path, jobs)
     space = build_space(load_config(None, _overrides(sampler)))
     plain = r0["plain"]
@@ -119,7 +126,7 @@ def test_zero_stages_equal_plain_data_parallel(tmp_path, sampler):
     used = _used(children, space)
     untouched = [n for n in plain["initial"] if n.startswith("layers.") and not any(n.startswith(u) for u in used)]
     assert untouched, "the test needs candidates that no child used"
-    for stage in ("zero1", "zero2", "zero3"):
+    for stage in ("zero1", "zero2", "zero3", *fallback):
         a, b = r0[stage], r1[stage]
         # each rank records its own micro-batch loss; children and anchors must agree
         assert [(c, x) for c, _, x in a["seen"]] == [(c, x) for c, _, x in b["seen"]], f"{stage}: ranks disagree"
@@ -334,3 +341,15 @@ def test_single_process_deepspeed_run(tmp_path, micro_yaml):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"] == "deepspeed zero-2 x1"
+
+
+def test_the_child_only_zero_step_runs_only_on_tested_deepspeed_releases(monkeypatch):
+    from nasfast.engines.zero_child import TESTED_DEEPSPEED, fallback_cost, internals_tested
+
+    monkeypatch.delenv("NASFAST_ZERO_CHILD_STEP", raising=False)
+    assert internals_tested(TESTED_DEEPSPEED[0]) and not internals_tested("0.14.0") and not internals_tested("0.20.0")
+    line = fallback_cost("0.20.0")
+    assert "\n" not in line and line.startswith("DeepSpeed 0.20.0 is not a release") and "all-gathered" in line
+    monkeypatch.setenv("NASFAST_ZERO_CHILD_STEP", "0")
+    assert not internals_tested(TESTED_DEEPSPEED[0])
+    assert fallback_cost(TESTED_DEEPSPEED[0]).startswith("NASFAST_ZERO_CHILD_STEP=0; using DeepSpeed's own step")

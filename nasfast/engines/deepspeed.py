@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 
 from nasfast.config import Config
-from nasfast.errors import UserError
+from nasfast.errors import UserError, warn
 from nasfast.space.searchspace import Arch
-from nasfast.engines.zero_child import child_zero12_step, hold_gathered, supports_child_step
+from nasfast.engines.zero_child import child_zero12_step, fallback_cost, hold_gathered, internals_tested, supports_child_step
 
 STAGES = (0, 1, 2, 3)
 DS_DIR = "checkpoints/deepspeed"
@@ -225,7 +225,11 @@ class DeepSpeedEngine:
         if self.stage == 3:
             deepspeed.zero.register_external_parameter(self.model.head, self.model.embeddings.tokens.weight)
         self._active: list[int] = []  # indices of this step's child's groups
-        self._child_step = self.stage in (1, 2) and supports_child_step(self.engine.optimizer)
+        # the child-only ZeRO work re-implements DeepSpeed internals: only on the releases it is tested with
+        self._tested = internals_tested()
+        if not self._tested and self.stage > 0 and world.is_main:
+            warn(fallback_cost(deepspeed.__version__))
+        self._child_step = self._tested and self.stage in (1, 2) and supports_child_step(self.engine.optimizer)
         if self._child_step:
             self.engine.optimizer.step = child_zero12_step(self.engine.optimizer, lambda: self._active)
         if self._child_step or self.stage == 3:
@@ -242,7 +246,7 @@ class DeepSpeedEngine:
 
         if self._micro == 0 and self.check_every and self._steps % self.check_every == 0:
             check_same_child(arch, self.world)
-        if self.stage == 3:  # gathered once per step: the backward reuses the forward's copy
+        if self.stage == 3 and self._tested:  # gathered once per step: the backward reuses the forward's copy
             hold_gathered(self.model.child_parameters(arch))
         loss = self.engine(arch, batch, layer_seed, anchor)
         return loss, self.engine.module.extras

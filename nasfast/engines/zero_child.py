@@ -22,11 +22,38 @@ then called by every rank on the same groups in the same order.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+import os
+from typing import Callable, Iterable, Optional
 
 import torch
 
 HOLD = -7  # a sentinel "active submodule" id: DeepSpeed releases a parameter only when it has none
+
+
+# The DeepSpeed releases whose internals ``child_zero12_step`` and ``hold_gathered`` mirror and are tested
+# against (tests/test_deepspeed.py); on any other release the engine runs DeepSpeed's own step.
+TESTED_DEEPSPEED = ("0.19.8",)
+
+
+def internals_tested(version: Optional[str] = None) -> bool:
+    """Whether this DeepSpeed (``version``, default the installed one) is one the child-only step is tested
+    with. ``NASFAST_ZERO_CHILD_STEP=0`` forces DeepSpeed's own step (how the tests run that path)."""
+    if os.environ.get("NASFAST_ZERO_CHILD_STEP") == "0":
+        return False
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    return version in TESTED_DEEPSPEED
+
+
+def fallback_cost(version: str) -> str:
+    """The one warning line when the child-only step is off: why, and what it costs (the results are the same)."""
+    why = ("NASFAST_ZERO_CHILD_STEP=0" if os.environ.get("NASFAST_ZERO_CHILD_STEP") == "0" else
+           f"DeepSpeed {version} is not a release nasfast's child-only ZeRO step is tested with ({', '.join(TESTED_DEEPSPEED)})")
+    return (f"{why}; using DeepSpeed's own step: the same updates, but every "
+            f"candidate's partition is all-gathered after each step (ZeRO-1/2) and the child is gathered again "
+            f"for every backward (ZeRO-3)")
 
 
 def supports_child_step(zopt) -> bool:
