@@ -18,7 +18,7 @@ separately rounded dot products, ``do . v_j`` and ``do . o``. When a row's softm
 term carries its own rounding, so dq and dk get an absolute error of about
 ``(sqrt(dh) + 1) * u * |do_i| * |v_j| * sm_scale * |k|`` (``|q|`` for dk; u the unit roundoff,
 |.| of a row its 2-norm), where eager's softmax backward, which subtracts values derived from one
-rounded dp, stays near 0. ``nasfast.kernels.cases.attention_rounding_allowance`` computes this
+rounded dp, stays near 0. ``nasfast.kernels.builtin_ops.attention_rounding_allowance`` computes this
 first-order bound (with that of rounding the scores themselves, which any implementation has),
 and the tests hold both backends to it. Removing the term would take a second pass over all key
 blocks to form delta from p and dp (~30% more backward work); ordinary training never reaches

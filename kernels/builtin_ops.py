@@ -13,11 +13,13 @@ op is part of its cases' identity: changing it changes every stored case's value
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nasfast.kernels.registry import FusedOp, OpInputs, register_op
 from nasfast.kernels import reference
-from nasfast.kernels.cases import attention_rounding_allowance
+from nasfast.kernels.cases import Case, max_abs
 
 HEAD_DIMS = (1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 40, 64)  # head sizes the property tests draw
 
@@ -116,6 +118,59 @@ register_op(FusedOp(
 
 
 # ------------------------------------------------------------------------------------- attention
+def attention_rounding_allowance(case: Case) -> dict:
+    """First-order error that rounding the attention scores and dp in floating point may cause, per output.
+
+    Softmax attention is ill-conditioned in its scores: an absolute error ``e`` in a score changes
+    its probability by a factor ``exp(e)``, and at scores of ~1e3 (inputs ~N(0, 30^2)) the rounding
+    of q . k alone is ~1e-4. Any implementation that forms scores in the compute precision carries
+    that error, so a single eager evaluation, which may get lucky (exactly 0 in a saturated row),
+    is not a reliable yardstick there. This propagates, to first order and from the float64 values:
+
+    - ``ds_ij <= (sqrt(dh) + 2) u scale |q_i| |k_j| + 16 u`` per score (the dot product, the scale,
+      an exp accurate to ~16 ulp);
+    - ``|dP_ij| <= P_ij (ds_ij + sum_k P_ik ds_ik)``, into o (``sum_j dP_ij |v_j - o_i|``), dv, and,
+      with ``ddp_ij <= (sqrt(dh) + 1) u |do_i| |v_j|`` for ``dp = do . v`` and the same for the row
+      term ``delta_i = do_i . o_i``, into ``ds = P (dp - delta)`` and so dq and dk.
+
+    The last term is what the Triton backward documents (``nasfast.kernels.attention``): it forms
+    ``delta`` as ``do . o``, two separately rounded dot products whose true difference is ~0 in a
+    saturated row. ``u`` is the unit roundoff of the input dtype; row norms are 2-norms. Returns
+    {output name: max allowance}; tensors of [B, h, T, T] are formed, so keep T small.
+    """
+    spec = case.spec
+    q, k, v = case.values[:3]
+    names = case.out_names
+    if q.numel() == 0:
+        return {n: 0.0 for n in names}
+    m = case.values[3].to(torch.bool) if len(case.values) > 3 else None
+    do = case.grad_values
+    dh = q.shape[-1]
+    scale = dh ** -0.5
+    u = torch.finfo(spec.dtype).eps / 2
+    root = math.sqrt(dh)
+    with torch.no_grad():
+        s = (q @ k.transpose(-1, -2)) * scale
+        valid = torch.ones_like(s, dtype=torch.bool) if m is None else m[:, None, None, :].expand_as(s)
+        p = torch.nan_to_num(s.masked_fill(~valid, float("-inf")).softmax(-1)) * valid
+        o = p @ v
+        nq, nk, nv, ndo, no = (t.norm(dim=-1) for t in (q, k, v, do, o))
+        ds = (root + 2) * u * scale * nq[..., :, None] * nk[..., None, :] + 16 * u
+        e = p * (ds + (p * ds).sum(-1, keepdim=True))                       # |dP| bound
+        err_o = (e[..., None] * (v[..., None, :, :] - o[..., :, None, :]).abs()).sum(-2)
+        err_dv = e.transpose(-1, -2) @ do.abs()
+        dp = do @ v.transpose(-1, -2)
+        delta = (do * o).sum(-1, keepdim=True)
+        ddp = (root + 1) * u * ndo[..., :, None] * nv[..., None, :]
+        ddelta = (root + 1) * u * ndo * torch.maximum(no, nv.max(-1, keepdim=True).values) + \
+            (e * (dp - delta).abs()).sum(-1)
+        f = e * (dp - delta).abs() + p * (ddp + ddelta[..., None])        # |d(ds)| bound
+        err_dq = scale * (f @ k.abs())
+        err_dk = scale * (f.transpose(-1, -2) @ q.abs())
+    vals = {"o": err_o, "dq": err_dq, "dk": err_dk, "dv": err_dv}
+    return {n: max_abs(vals[n]) for n in names}
+
+
 def _attention_inputs(spec, rnd, gen):
     values = [rnd(spec.B, spec.heads, spec.T, spec.dh, scale=spec.scale) for _ in range(3)]
     return OpInputs(values, [True, True, True], lambda ops, q, k, v, *m: ops.attention(q, k, v, _mask(m)),
@@ -233,8 +288,7 @@ register_op(FusedOp(
 
 
 # --------------------------------------------------------------------------------------- dropout
-# The embeddings' dropout (after their LayerNorm). Registered last: the other ops' cases keep their
-# identities.
+# The embeddings' dropout (after their LayerNorm).
 def _dropout_inputs(spec, rnd, gen):
     shape = _rows(spec)
     values, diff = [rnd(*shape, scale=spec.scale)], [True]

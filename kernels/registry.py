@@ -3,8 +3,7 @@
 An **op** (:class:`FusedOp`) is registered once with its name, its eager reference (the definition of
 correct, and the fallback), and how to generate test/benchmark inputs for it (used by
 ``nasfast.kernels.cases``, the one case generator of the tests and both benchmark scripts). The
-built-in ops (``bias_gelu, add_dropout_layernorm, dwconv_bias_gelu, attention, alignment_loss``) are
-registered in ``nasfast.kernels.builtin_ops``.
+built-in ops are registered in ``nasfast.kernels.builtin_ops`` (``op_names()`` lists what is registered).
 
 A **backend** implements any subset of the ops, with the reference's signature:
 

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the five fused ops with the signatures of ``nasfast.kernels.reference``.
+"""The ``triton`` backend: fused ops with the signatures of ``nasfast.kernels.reference``.
 
 Each op is a ``torch.ops.nasfast_triton.*_fwd`` custom op (opaque to ``torch.compile``) whose autograd
 formula (``register_autograd``) calls the matching ``*_bwd`` op. Runs on CUDA, or on CPU tensors when

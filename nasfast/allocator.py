@@ -3,8 +3,8 @@
 PyTorch's CPU allocator is plain ``malloc``. glibc serves a request above ``M_MMAP_THRESHOLD``
 (dynamic, at most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, so every
 activation or gradient of that size is page-faulted in again each time it is allocated: a
-[4096, 2048] fp32 FFN activation (B=32, T=128, H=512) is 33.5 MB, and that first touch cost ~11% of
-an H=512 training step on 2 cores (benchmarks/results/vs_transformers.md). Pinning the mmap
+[4096, 2048] fp32 FFN activation (B=32, T=128, H=512) is 33.5 MB, and that first touch is a measurable
+share of an H=512 training step (benchmarks/results/vs_transformers.md has the number). Pinning the mmap
 threshold at 1 GiB and the trim threshold at 2 GiB makes the heap keep and reuse such blocks, the
 effect Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc. The price: memory freed by
 a run stays with the process (its RSS is the peak, not the current, use).

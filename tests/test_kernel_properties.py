@@ -191,7 +191,7 @@ ONE_HOT = [dict(B=1, heads=1, T=3, dh=8), dict(B=2, heads=2, T=7, dh=16)]  # at 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_saturated_softmax(backend):
     """q, k, v ~ N(0, 30^2): scores ~1e3. Both backends stay within the documented first-order
-    rounding allowance (cases.attention_rounding_allowance). Where every row's softmax is one-hot
+    rounding allowance (builtin_ops.attention_rounding_allowance). Where every row's softmax is one-hot
     the true dq, dk are ~0 and eager gets them ~exactly: native (which forms delta from P and dP,
     as eager does) then passes the plain rule with no allowance; triton's delta = do . o does not
     cancel exactly, and its dq/dk errors are what the allowance documents."""

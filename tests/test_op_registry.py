@@ -199,3 +199,13 @@ def test_supernet_trains_one_step_with_the_toy_backends(toy, tmp_path, micro_yam
     partial = _train_one_step(tmp_path, "partial", "toy_gelu")
     assert toy.calls > 0 and partial["loss"] == eager["loss"]
     assert json.loads((tmp_path / "partial" / "summary.json").read_text())["fused_ops"] == ["bias_gelu"]
+
+
+def test_fixed_case_seeds_do_not_depend_on_which_ops_are_listed():
+    """A case's inputs follow from (op, layout, index): registering or selecting other ops changes none."""
+    from nasfast.kernels import cases
+
+    for make in (cases.layout_cases, cases.example_cases):
+        every = [c for c in make() if c.op == "attention"]
+        alone = make(ops=["attention"])
+        assert [c.seed for c in alone] == [c.seed for c in every] and len({c.seed for c in alone}) > 1

@@ -124,7 +124,7 @@ def group_blocks(ids: list[list[int]], cls: int, sep: int, block_size: int, dtyp
 
 def tokenize_chunk(tokenizer, units: list[str], block_size: int, dtype: np.dtype) -> np.ndarray:
     """Blocks of one chunk. The Rust tokenizer is called directly: the same ids as ``tokenizer(units,
-    add_special_tokens=False)`` (tested against it) without building Python BatchEncodings (1.7x faster)."""
+    add_special_tokens=False)`` (tested against it) without building Python BatchEncodings (faster; benchmarks/results/data_scale.md)."""
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers >= 0.21)
     ids = [e.ids for e in encode(units, add_special_tokens=False)]

@@ -31,9 +31,6 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def average_gradients(self, params: list) -> None:
-        """Average the gradients of ``params`` over data-parallel ranks."""
-
     def optimizer_step(self, arch: Arch) -> float:
         """Average, clip and apply the child's gradients; returns the gradient norm. A non-finite norm
         must leave weights and optimizer state unchanged (the loop then stops the run)."""

@@ -257,9 +257,6 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(self._micro == self.cfg.train.grad_accum)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def average_gradients(self, params: list) -> None:
-        pass  # DeepSpeed reduces gradients itself (all-reduce or reduce-scatter by stage)
-
     def optimizer_step(self, arch: Arch) -> float:
         keys = active_keys(arch)
         for group in self.optimizer.param_groups:

@@ -34,12 +34,9 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def average_gradients(self, params: list) -> None:
-        average_gradients(params, self.world)
-
     def optimizer_step(self, arch: Arch) -> float:
         params = [p for p in self.model.child_parameters(arch) if p.grad is not None]
-        self.average_gradients(params)  # same child on every rank: the same params have grads
+        average_gradients(params, self.world)  # same child on every rank: the same params have grads (DeepSpeed reduces its own)
         return clip_and_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_norm, skip_nonfinite=True)
 
     def lr(self) -> float:

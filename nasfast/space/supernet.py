@@ -86,8 +86,8 @@ class _MaskedLM(nn.Module):
         decoder = self.embeddings.tokens.weight
         if labels is None:
             return ModelOutput(self.head(last, decoder), hidden_states)
-        # Project only the masked positions onto the vocabulary (~15% of tokens): for a BERT MLM at H=128,
-        # vocab 8k on a 2-core CPU, forward+backward ran 1.7x faster than projecting every position.
+        # Project only the masked positions onto the vocabulary (data.mlm_probability of the tokens), not
+        # every position: most of a small MLM's head cost (benchmarks/results/vs_transformers.md, "equal work").
         selected = labels != -100
         targets = labels[selected]
         logits = self.head(last[selected], decoder)
