@@ -1,6 +1,6 @@
 """A supernet child's training step vs the same architecture as a standalone static model.
 
-    python benchmarks/child_vs_static.py --config configs/tiny.yaml --steps 20 --rounds 3
+    python -m benchmarks.child_vs_static --config configs/tiny.yaml --steps 20 --rounds 3
 
 The design goal: a child step should cost what the static model costs (no weight copies, no per-step
 rebuilding, optimizer work only on parameters with gradients). Both train the same architectures
@@ -13,14 +13,11 @@ import argparse
 import json
 import random
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe  # noqa: E402
+from benchmarks.harness import command_line, describe, interleaved
 
 
 def main() -> None:
@@ -66,17 +63,11 @@ def main() -> None:
         model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
         clip_and_step(list(model.parameters()), opt, sched, cfg.train.clip_norm)
 
-    times = {(name, kind): [] for name in archs for kind in ("supernet", "static")}
-    for name, arch in archs.items():  # warm-up
-        supernet_step(arch)
-        static_step(name)
-    for _ in range(args.rounds):
-        for name, arch in archs.items():
-            for kind, fn in (("supernet", lambda: supernet_step(arch)), ("static", lambda: static_step(name))):
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[(name, kind)].append(time.perf_counter() - t0)
+    fns = {}
+    for name, arch in archs.items():
+        fns[(name, "supernet")] = lambda arch=arch: supernet_step(arch)
+        fns[(name, "static")] = lambda name=name: static_step(name)
+    times = interleaved(fns, args.rounds, per_round=args.steps, warmup=1)
 
     rows = []
     for name, arch in archs.items():

@@ -1,7 +1,7 @@
 """Pretraining data at scale: prepare time, memory and loading overlap on ~20 MB, ~200 MB and ~1 GB corpora.
 
-    python benchmarks/data_scale.py                       # all sizes, writes benchmarks/results/data_scale.{md,json}
-    python benchmarks/data_scale.py --sizes 20 --steps 20 # a quick look
+    python -m benchmarks.data_scale                       # all sizes, writes benchmarks/results/data_scale.{md,json}
+    python -m benchmarks.data_scale --sizes 20 --steps 20 # a quick look
 
 The corpora are the embedded corpus (nasfast/corpus, ~21 MB of text) decompressed and repeated to the
 size asked (1x, 10x, 50x), written as plain .txt under --work (default /tmp/nasfast-data-scale; never
@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.harness import describe
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -186,7 +185,7 @@ def main() -> None:
 def write(args, rows: list[dict], collate: dict | None = None, cmd: str | None = None) -> None:
     machine = describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = cmd or "python benchmarks/data_scale.py " + " ".join(sys.argv[1:])
+    cmd = cmd or "python -m benchmarks.data_scale " + " ".join(sys.argv[1:])
     args.out.with_suffix(".json").write_text(
         json.dumps({"command": cmd, "machine": machine, "rows": rows, "masking": collate, "note": args.note}, indent=1) + "\n")
     lines = [

@@ -1,6 +1,6 @@
 """Plain data-parallel vs DeepSpeed ZeRO-1/2/3 on 2 CPU ranks: per-rank memory, step time, ZeRO-3 gathers.
 
-    DS_ACCELERATOR=cpu python benchmarks/deepspeed_zero.py [--steps 30] [--repeats 2] [--out benchmarks/results/deepspeed_zero]
+    DS_ACCELERATOR=cpu python -m benchmarks.deepspeed_zero [--steps 30] [--repeats 2] [--out benchmarks/results/deepspeed_zero]
 
 Runs 2 real processes (gloo). For each engine, the tiny config trains ``--steps`` SPOS steps; the
 median step time after 5 warm-up steps and the bytes each rank holds (parameters, master weights,
@@ -20,16 +20,14 @@ import json
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import command_line, describe  # noqa: E402
+from benchmarks.harness import command_line, describe
 
 ENGINES = ("plain", "zero1", "zero2", "zero3")
 

@@ -2,7 +2,7 @@
 
 Run (one H200, < 8 min; --quick for a ~1 min smoke run):
 
-    python benchmarks/gpu_suite.py --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
+    python -m benchmarks.gpu_suite --out benchmarks/results/gpu-$(date +%Y%m%d-%H%M) --dtype bf16
 
 Every registered fused op (``nasfast.kernels.registry``) is covered; an op the triton backend does not
 implement gets one row saying so (it runs the eager reference).
@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
-import platform
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -102,15 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def machine_description() -> dict:
     """GPU, versions and host; works without CUDA (gpu is None then)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import describe
+    from benchmarks.harness import describe
 
     return describe()
 
 
 def command_line(argv=None) -> str:
-    argv = sys.argv if argv is None else argv
-    return " ".join(["python"] + list(argv))
+    """``python -m benchmarks.gpu_suite ARGS`` (``argv``: the arguments after the program, for tests)."""
+    from benchmarks.harness import command_line as running
+
+    return running() if argv is None else " ".join(["python", "-m", "benchmarks.gpu_suite", *argv])
 
 
 def _fmt(v) -> str:
@@ -314,7 +313,7 @@ def time_supernet_step(args, rows: list) -> None:
                 params = net.child_parameters(arch)
                 opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
-                def step():
+                def step(net=net, opt=opt):  # bound now: the loop rebinds both
                     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                         out = net(ids, mask, arch, labels)
                     out.loss.backward()
@@ -343,12 +342,9 @@ def time_vs_transformers(args, rows: list) -> None:
 
     import torch
 
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
     try:
         import vs_transformers
-        from step_models import StepConfig, make_batch, nasfast_steps
+        from benchmarks.step_models import StepConfig, make_batch, nasfast_steps
 
         res = vs_transformers.main(["--device", "cuda", "--dtype", "bf16", "--hidden", "128,512",
                                     "--rounds", "2" if args.quick else "3", "--steps", "3", "--warmup", "2",
@@ -387,7 +383,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    machine_description()  # imports benchmarks/machine.py, which tunes malloc before anything is timed
+    machine_description()  # imports benchmarks/harness.py, which tunes malloc before anything is timed
 
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to run (the CPU-side parts are tested in tests/test_gpu_suite_cpu.py)")
@@ -404,7 +400,7 @@ def main(argv=None) -> int:
         time_vs_transformers(args, rows)
     machine = machine_description()
     machine["wall_s"] = round(time.time() - start, 1)
-    csv_path, md_path = write_results(rows, args.out, machine, command_line(argv if argv is not None else sys.argv))
+    csv_path, md_path = write_results(rows, args.out, machine, command_line(argv))
     print(f"wrote {csv_path} and {md_path} in {time.time() - start:.0f} s")
     return 0 if ok else 1
 

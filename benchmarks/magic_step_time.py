@@ -1,6 +1,6 @@
 """Training-step time of MAGIC-T, MAGIC-A and MAGIC relative to SPOS, measured side by side.
 
-    python benchmarks/magic_step_time.py --config configs/tiny.yaml --steps 20 --rounds 3 --backends eager,native
+    python -m benchmarks.magic_step_time --config configs/tiny.yaml --steps 20 --rounds 3 --backends eager,native
 
 Each variant is a real Trainer on the same corpus; rounds interleave the variants so machine drift
 hits all of them alike. A step includes everything training pays for: data collation, forward,
@@ -14,7 +14,7 @@ isolates the alignment's own cost from the cost of the children each sampler hap
 runs the anchor's forward under bf16 autocast (``align.anchor_precision=bf16``). ``--variants``
 picks a subset (spos always), e.g. for the H=512 table::
 
-    python benchmarks/magic_step_time.py --steps 6 --rounds 3 --warmup 2 --backends eager,native \
+    python -m benchmarks.magic_step_time --steps 6 --rounds 3 --warmup 2 --backends eager,native \
         --variants "spos,magic-a,magic-a (no challenge),magic-a (bf16 anchor)" \
         --set model.hidden=512 --set "space.candidates=[mha:8, ffn:2048]" --name magic_step_time_h512
 
@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe  # noqa: E402
+from benchmarks.harness import command_line, describe, interleaved
 
 VARIANTS = {
     "spos": [],
@@ -78,7 +75,7 @@ def main() -> None:
     from nasfast.training.trainer import Trainer
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    trainers, times = {}, {}
+    trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             for variant in chosen:
@@ -88,19 +85,14 @@ def main() -> None:
                 cfg = load_config(args.config, ["align.anchor_warmup=0", *args.set, f"kernels.backend={backend}",
                                                 f"sampler.name={sampler}", *extra])
                 trainers[name] = Trainer(cfg, Path(tmp) / f"{len(trainers)}", progress=False)
-                times[name] = []
-        step = 0
-        for name, tr in trainers.items():  # warm-up: allocator, first anchor score, caches
-            for s in range(args.warmup):
-                tr.train_step(s)
-        step = args.warmup
-        for _ in range(args.rounds):
-            for name, tr in trainers.items():
-                for s in range(step, step + args.steps):
-                    t0 = time.perf_counter()
-                    tr.train_step(s)
-                    times[name].append(time.perf_counter() - t0)
-            step += args.steps
+
+        def next_step(tr, counter):  # each trainer walks its own steps 0, 1, 2, ... (warm-up included)
+            tr.train_step(counter[0])
+            counter[0] += 1
+
+        # the warm-up steps warm the allocator, the first anchor score and caches
+        times = interleaved({name: (lambda tr=tr, c=[0]: next_step(tr, c)) for name, tr in trainers.items()},
+                            args.rounds, per_round=args.steps, warmup=args.warmup)
         anchor_every = {n: tr.cfg.align.anchor_every for n, tr in trainers.items()}
         backend_of = {n: tr.model.ops.name for n, tr in trainers.items()}
 

@@ -1,6 +1,6 @@
 """Native C++ ops vs eager references: forward and forward+backward time and peak memory per op.
 
-    OMP_NUM_THREADS=2 python benchmarks/native_vs_eager.py [--repeats 30] [--widths tiny base]
+    OMP_NUM_THREADS=2 python -m benchmarks.native_vs_eager [--repeats 30] [--widths tiny base]
 
 Writes benchmarks/results/native_vs_eager.{csv,json,md}.
 - Time: each measurement is one call (fwd under no_grad, or fwd + backward with a fixed random
@@ -22,16 +22,14 @@ import gc
 import json
 import os
 import re
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import OPS, WIDTHS, machine, make_case  # noqa: E402
+from benchmarks.bench_cases import OPS, WIDTHS, machine, make_case
+from benchmarks.harness import command_line, interleaved
 
 from nasfast.kernels.registry import get_ops  # noqa: E402
 
@@ -63,21 +61,14 @@ def peak_mib(case, ops):
 
 
 def measure(case, opsets, backward, repeats):
-    times = {name: [] for name in opsets}
-    for _ in range(3):
-        for ops in opsets.values():
-            case.run(ops, backward)
-    for _ in range(repeats):
-        for name, ops in opsets.items():
-            t0 = time.perf_counter()
-            case.run(ops, backward)
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return interleaved({name: (lambda ops=ops: case.run(ops, backward)) for name, ops in opsets.items()},
+                       rounds=repeats, warmup=3)
 
 
 def main() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see the docstring (peak memory)
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+        argv = ["-m", __spec__.name, *sys.argv[1:]] if __spec__ is not None else sys.argv  # as it was started
+        os.execve(sys.executable, [sys.executable, *argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
@@ -114,9 +105,7 @@ def main() -> None:
                 print(f"{width:5s} {op:22s} {phase:8s} eager {row['eager_median_ms']:9.3f} ms  "
                       f"native {row['native_median_ms']:9.3f} ms  x{row['ratio']:.2f}", flush=True)
 
-    command = "OMP_NUM_THREADS={} python {}".format(
-        machine()["omp_num_threads"], " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
-    )
+    command = f"OMP_NUM_THREADS={machine()['omp_num_threads']} {command_line()}"
     meta = {"command": command, "machine": machine(), "repeats": args.repeats, "goal_fwd_bwd_ratio": GOAL,
             "gemm_backend": native.gemm_backend(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)

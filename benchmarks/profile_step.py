@@ -1,6 +1,6 @@
 """Where a child training step's time goes: torch.profiler summary of a few steps.
 
-    python benchmarks/profile_step.py --hidden 512 --backend native --steps 3
+    python -m benchmarks.profile_step --hidden 512 --backend native --steps 3
 
 Splits the step into matmul time (aten mm/addmm/bmm self time) and everything else (by op, with
 the op's share of the step), and reports the matmuls' achieved rate against a same-run square GEMM
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe  # noqa: E402
-from step_models import StepConfig, gemm_probe, make_batch, nasfast_steps  # noqa: E402
+from benchmarks.harness import command_line, describe
+from benchmarks.step_models import StepConfig, gemm_probe, make_batch, nasfast_steps
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::_addmm_activation"}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench_cases import OPS, WIDTHS, make_case
+from benchmarks.bench_cases import OPS, WIDTHS, make_case
 from nasfast.kernels.registry import get_ops
 
 

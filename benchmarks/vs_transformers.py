@@ -1,6 +1,6 @@
 """A nasfast child's training step vs transformers' BertForMaskedLM of equal dims, side by side.
 
-    python benchmarks/vs_transformers.py --hidden 128,512 --rounds 5 --steps 2 --threads 2
+    python -m benchmarks.vs_transformers --hidden 128,512 --rounds 5 --steps 2 --threads 2
 
 At each hidden size H: L BERT layers (default 3, i.e. 6 nasfast sub-layers mha:H/64 + ffn:4H), B=32,
 T=128, vocab 8192, fp32, one fixed batch (15% of positions labelled), AdamW + clipping through
@@ -21,7 +21,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import asdict
@@ -29,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe  # noqa: E402
-from step_models import StepConfig, Step, gemm_probe, hf_step, make_batch, nasfast_steps  # noqa: E402
+from benchmarks.harness import command_line, describe
+from benchmarks.step_models import StepConfig, gemm_probe, hf_step, make_batch, nasfast_steps
 
 
 def _uptime() -> str:

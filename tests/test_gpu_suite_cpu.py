@@ -1,22 +1,14 @@
 """The CPU-side parts of benchmarks/gpu_suite.py: argument parsing, machine description, result files."""
 import csv
-import importlib.util
+import importlib
 from collections import Counter
-import sys
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_suite"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.gpu_suite")  # a package module, as `python -m benchmarks.gpu_suite` runs it
 
 
 def test_parse_args_defaults_and_subsets(suite, tmp_path):
@@ -40,7 +32,7 @@ def test_machine_description_without_cuda(suite):
     info = suite.machine_description()
     for key in ("python", "torch", "triton", "gpu", "platform"):
         assert key in info
-    assert suite.command_line(["gpu_suite.py", "--quick"]) == "python gpu_suite.py --quick"
+    assert suite.command_line(["--quick"]) == "python -m benchmarks.gpu_suite --quick"
 
 
 def test_write_results(suite, tmp_path):

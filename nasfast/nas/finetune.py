@@ -184,7 +184,7 @@ def _seeded_split(train: Split, missing: list, seed: int) -> dict:
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
-# Measured in benchmarks/results/finetune_defaults/: 3 epochs at 1e-4 left a child of a 300-step tiny
+# Measured in experiments/results/finetune_defaults/: 3 epochs at 1e-4 left a child of a 300-step tiny
 # supernet at the majority label on a 2.4k-row task; these defaults learn there and on the embedded tasks.
 DEFAULT_STEPS = 600
 DEFAULT_LR = 1e-3

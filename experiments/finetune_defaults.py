@@ -1,8 +1,8 @@
 """``nasfast finetune`` defaults, before and after issue 18 item 4: the 2.4k-row TSV and the report.
 
-    python benchmarks/finetune_defaults.py make-task --out runs/tasks/sentiment2400.tsv
-    (the finetune commands in benchmarks/results/finetune_defaults/README.md, OUT = runs/ft/{before,after}-TASK)
-    python benchmarks/finetune_defaults.py report --runs runs/ft --out benchmarks/results/finetune_defaults
+    python -m experiments.finetune_defaults make-task --out runs/tasks/sentiment2400.tsv
+    (the finetune commands in experiments/results/finetune_defaults/README.md, OUT = runs/ft/{before,after}-TASK)
+    python -m experiments.finetune_defaults report --runs runs/ft --out experiments/results/finetune_defaults
 
 The TSV is the first 2,400 rows of the embedded sentiment training split (already shuffled) with the labels
 renamed 0 -> negative, 1 -> positive, so ``finetune`` carves its own 80/10/10 split (--split-seed 0) and
@@ -102,6 +102,6 @@ if __name__ == "__main__":
     p.add_argument("--out", type=Path, default=ROOT / "runs/tasks/sentiment2400.tsv")
     p = sub.add_parser("report")
     p.add_argument("--runs", type=Path, default=ROOT / "runs/ft")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/finetune_defaults")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments/results/finetune_defaults")
     a = ap.parse_args()
     make_task(a.out) if a.cmd == "make-task" else report(a.runs, a.out)

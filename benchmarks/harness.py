@@ -1,10 +1,16 @@
-"""The machine description written beside every benchmark result (one definition for all scripts)."""
+"""What every benchmark shares: the machine description, the command line, an interleaved timer and the
+results writer. Run benchmarks from the repository root as modules (``python -m benchmarks.NAME``), so
+``benchmarks`` imports as a package and no script edits ``sys.path``."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
 
 from nasfast.allocator import tune_malloc
 
@@ -58,4 +64,35 @@ def describe() -> dict:
 
 
 def command_line() -> str:
-    return " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    """The command that is running, as a user would retype it (``python -m benchmarks.NAME ARGS``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None and spec.name != "__main__" else os.path.relpath(sys.argv[0])
+    return " ".join(["python", program, *sys.argv[1:]])
+
+
+def interleaved(fns: Mapping[str, Callable[[], None]], rounds: int, per_round: int = 1,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each ``fns[name]()`` call: ``warmup`` untimed calls each, then ``rounds`` rounds in which
+    every contender runs ``per_round`` timed calls in turn, so drift of a shared machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def write_results(out: str | Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:
+    """``OUT/NAME.json`` (the result, which should hold ``command`` and ``machine``) and ``OUT/NAME.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{name}.json", out / f"{name}.md"
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths[1].write_text(markdown.rstrip() + "\n")
+    return paths

@@ -1,7 +1,7 @@
 """CPU-scale reproduction of "Analyzing and Mitigating Interference in NAS" (protocols: docs/protocols.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/reproduce_paper.py [--samplers spos,magic-t,magic-a,magic] [--seeds 0 1 2]
-    python benchmarks/reproduce_paper.py --quick      # micro setting, ~2 minutes: a smoke test of the pipeline
+    OMP_NUM_THREADS=1 python -m experiments.reproduce_paper [--samplers spos,magic-t,magic-a,magic] [--seeds 0 1 2]
+    python -m experiments.reproduce_paper --quick      # micro setting, ~2 minutes: a smoke test of the pipeline
 
 1. sample-archs: a seeded set of children spread over parameter counts;
 2. pretrain: one supernet per (sampler, seed), all with the same config and number of steps;
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PAPER_SAMPLERS = ("spos", "magic-t", "magic-a", "magic")
 PAPER_KENDALL = {"spos": 0.36, "magic-t": 0.49, "magic": 0.57}  # 60 children, as reported by a secondary source
@@ -56,13 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interference-batches", type=int, default=2)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", help="run folders (default: WORK=/tmp/nasfast_paper_repro[_quick])")
-    p.add_argument("--out", help="results folder (default benchmarks/results/paper_repro; with --quick WORK/results)")
+    p.add_argument("--out", help="results folder (default experiments/results/paper_repro; with --quick WORK/results)")
     p.add_argument("--quick", action="store_true", help="micro setting, 2 seeds, 6 children: a ~2 minute smoke test")
     args = p.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     args.work = Path(args.work or f"/tmp/nasfast_paper_repro{suffix}")
     # a smoke test never overwrites the committed results
-    args.out = Path(args.out) if args.out else args.work / "results" if args.quick else ROOT / "benchmarks" / "results" / "paper_repro"
+    args.out = Path(args.out) if args.out else args.work / "results" if args.quick else ROOT / "experiments" / "results" / "paper_repro"
     if args.quick:
         args.set = QUICK_OVERRIDES + args.set
         if args.seeds == [0, 1, 2]:
@@ -187,7 +186,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench_cases import machine
+    from benchmarks.bench_cases import machine
     from nasfast.config import load_config, save_config
     from nasfast.space.checks import build_space
 
@@ -250,7 +249,7 @@ def main(argv=None) -> None:
             interference.append({"operator": report["operator"], "settings": report["settings"], "pairs": len(report["pairs"]),
                                  "by_distance": report["by_distance"], "correlations": report["correlations"], "json": str(out / "interference.json")})
 
-    script = "python benchmarks/reproduce_paper.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    script = "python -m experiments.reproduce_paper " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = {
         "script": script.strip(), "quick": args.quick, "config": cfg.to_dict(), "samplers": samplers, "skipped_samplers": skipped,
         "seeds": args.seeds, "steps": cfg.train.steps, "gt_steps": gt_steps, "children": args.children,

@@ -1,14 +1,14 @@
 """The fair, powered test of MAGIC's rank-correlation claim (protocol: results/magic_test/protocol.md).
 
-    python benchmarks/magic_test.py prepare            # pinned data, child sets, resolved config (once)
-    OMP_NUM_THREADS=1 python benchmarks/magic_test.py work --worker gt      # ground truth, 2 seeds x 2 sets
-    OMP_NUM_THREADS=1 python benchmarks/magic_test.py work --worker train   # supernets + their estimates
-    python benchmarks/magic_test.py analyze            # tables, bootstrap CIs, plots from whatever is done
+    python -m experiments.magic_test prepare            # pinned data, child sets, resolved config (once)
+    OMP_NUM_THREADS=1 python -m experiments.magic_test work --worker gt      # ground truth, 2 seeds x 2 sets
+    OMP_NUM_THREADS=1 python -m experiments.magic_test work --worker train   # supernets + their estimates
+    python -m experiments.magic_test analyze            # tables, bootstrap CIs, plots from whatever is done
 
 Everything is resumable and idempotent: a supernet whose estimates are in the results folder is
 never retrained; ground truth is cached per child by ``nasfast ground-truth``; an interrupted
 supernet resumes from its checkpoint. The small outputs that matter (ground-truth cache entries,
-estimates, anchor histories) are written straight into ``benchmarks/results/magic_test`` so a later
+estimates, anchor histories) are written straight into ``experiments/results/magic_test`` so a later
 session on another machine continues from the committed files; only checkpoints live in --work.
 """
 from __future__ import annotations
@@ -17,15 +17,13 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results" / "magic_test"
+RESULTS = ROOT / "experiments" / "results" / "magic_test"
 CONFIG = ROOT / "configs" / "magic_test.yaml"
 SEEDS = (0, 1, 2, 3, 4)
 GT_SEEDS = (0, 1)
@@ -84,7 +82,7 @@ def prepare(args) -> None:
         hard.write_text("\n".join(chosen) + "\n")
     easy = RESULTS / "archs_easy.txt"
     if not easy.is_file():
-        old = json.loads((ROOT / "benchmarks" / "results" / "paper_repro" / "results.json").read_text())["archs"]
+        old = json.loads((ROOT / "experiments" / "results" / "paper_repro" / "results.json").read_text())["archs"]
         easy.write_text("\n".join(old) + "\n")
     base = args.work / "base"  # the run folder that defines the ground-truth protocol (config + data)
     if not (base / "data" / "blocks.npz").is_file():
@@ -206,7 +204,7 @@ def main(argv=None) -> None:
     elif args.stage == "work":
         work(args)
     else:
-        from magic_test_analysis import analyze
+        from experiments.magic_test_analysis import analyze
 
         analyze(RESULTS, args.bootstrap)
 
