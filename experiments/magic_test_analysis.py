@@ -142,7 +142,7 @@ def plots(results: Path, report: dict, est: dict, truth_hard: dict, hard: list[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # τ by sampler (hard set), seeds as dots, mean ± SE as bars
+    # τ by sampler (hard set), seeds as dots, bars: mean with a 95% CI (± 1.96 SE over seeds)
     order = {n: i for i, n in enumerate(MAIN)}
     names = sorted((n for n in report["tau_by_config"] if report["tau_by_config"][n]["hard"]["per_seed"]),
                    key=lambda n: (order.get(n, len(order)), n))
@@ -152,8 +152,9 @@ def plots(results: Path, report: dict, est: dict, truth_hard: dict, hard: list[s
             vals = [v for v in report["tau_by_config"][n]["hard"]["per_seed"].values() if v is not None]
             mean = float(np.mean(vals))
             se = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
-            ax.bar(i, mean, yerr=1.96 * se, capsize=4, color="#9bb7d4")
-            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
+            ax.bar(i, mean, yerr=1.96 * se, capsize=4, color="#9bb7d4",
+                   label="mean, 95% CI (± 1.96 SE over seeds)" if i == 0 else None)
+            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3, label="one seed" if i == 0 else None)
         if report.get("ceiling_hard") is not None:
             ax.axhline(report["ceiling_hard"], color="g", ls="--", lw=1, label="GT replicate τ (ceiling)")
         for name, v in (report.get("floors_hard") or {}).items():

@@ -133,19 +133,27 @@ def plot_kendall(path: Path, samplers: list[str], per_seed: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 1.3 * len(samplers)), 3.6))
+    labelled: set = set()  # each legend entry once, on the first bar / marker that has it
+
+    def once(label: str):
+        if label in labelled:
+            return None
+        labelled.add(label)
+        return label
+
     for i, s in enumerate(samplers):
         taus = [v for v in per_seed[s] if v is not None]
         if taus:
             sp = spread(taus)
-            ax.bar(i, sp["mean"], yerr=sp["std"], capsize=5, color="#9bb7d4")
-            ax.scatter([i] * len(taus), taus, color="k", s=12, zorder=3)
+            ax.bar(i, sp["mean"], yerr=sp["std"], capsize=5, color="#9bb7d4", label=once("mean ± std over seeds"))
+            ax.scatter([i] * len(taus), taus, color="k", s=12, zorder=3, label=once("one seed"))
         if s in PAPER_KENDALL:
-            ax.scatter([i], [PAPER_KENDALL[s]], marker="_", s=400, color="r", zorder=4, label="paper" if i == 0 else None)
+            ax.scatter([i], [PAPER_KENDALL[s]], marker="_", s=400, color="r", zorder=4, label=once("paper"))
     ax.set_xticks(range(len(samplers)), samplers)
     ax.set(ylabel="Kendall τ (loss)", title="rank correlation vs ground truth")
     ax.axhline(0, color="grey", lw=0.8)
-    if any(s in PAPER_KENDALL for s in samplers):
-        ax.legend(loc="best")
+    if labelled:
+        ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,10 +22,10 @@ def test_run_writes_metrics_summary_and_checkpoint(micro_config, tmp_path):
     for r in records:
         assert {"loss", "lr", "tokens_per_s", "child", "grad_norm"} <= r.keys()
     assert "dev" in records[2] and "dev" in records[5] and "dev" not in records[0]
-    assert set(records[5]["dev"]) == {"largest", "smallest", "random0"}
+    assert set(records[5]["dev"]) == {"largest_with_context", "smallest_with_context", "smallest", "random0"}
     assert len({r["child"] for r in records}) > 1  # SPOS samples different children
     saved = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert saved["dev"]["largest"]["loss"] > 0 and saved["unigram_entropy"] > 0
+    assert saved["dev"]["largest_with_context"]["loss"] > 0 and saved["unigram_entropy"] > 0
     assert load(tmp_path / "r" / CHECKPOINT)["step"] == 6
     assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "r" / "data" / "tokenizer").is_dir() and (tmp_path / "r" / "config.yaml").is_file()
@@ -86,9 +86,9 @@ def test_loss_decreases(micro_config, tmp_path):
     records = read_metrics(tmp_path / "r" / "metrics.jsonl")
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
-    print(first, last, summary["dev"]["largest"]["loss"], summary["unigram_entropy"])
+    print(first, last, summary["dev"]["largest_with_context"]["loss"], summary["unigram_entropy"])
     assert last < first - 0.5
-    assert summary["dev"]["largest"]["loss"] < summary["unigram_entropy"]
+    assert summary["dev"]["largest_with_context"]["loss"] < summary["unigram_entropy"]
 
 
 def test_lr_schedule_warmup_then_linear_decay():

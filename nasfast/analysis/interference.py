@@ -227,16 +227,34 @@ def write_report(report: dict, out: Path) -> dict[str, Path]:
     paths = {"json": out / "interference.json", "distance_png": out / "grad_cos_vs_distance.png",
              "similarity_png": out / "grad_cos_vs_similarity.png"}
     atomic_write_text(paths["json"], json.dumps(report, indent=2))
+    plots.save_figure(distance_figure(report, title), paths["distance_png"])
+    plots.save_figure(similarity_figure(report, title), paths["similarity_png"])
+    return paths
+
+
+def distance_figure(report: dict, title: str):
+    """Gradient cosine per distance d: mean ± std over the pairs at d (the legend says so)."""
+    from nasfast.analysis import plots
+
     rows = [r for r in report["by_distance"] if r["grad_cos_mean"] is not None]
-    plots.errorbar(paths["distance_png"], [r["distance"] for r in rows], [r["grad_cos_mean"] for r in rows],
-                   [r["grad_cos_std"] for r in rows], "distance d (other layers that differ)", "gradient cosine", title)
+    return plots.errorbar_figure([r["distance"] for r in rows], [r["grad_cos_mean"] for r in rows],
+                                 [r["grad_cos_std"] for r in rows], "mean ± std over pairs at d",
+                                 "distance d (other layers that differ)", "gradient cosine", title)
+
+
+def similarity_figure(report: dict, title: str):
+    """Gradient cosine vs input / output similarity, coloured by d, with observation 2's number: the
+    partial Spearman ρ given d (``correlations``' ``*_given_d``, the one in interference.json)."""
+    from nasfast.analysis import plots
+
     panels = []
     for key, label in (("input_sim", "input similarity"), ("output_sim", "output similarity")):
         ok = [p for p in report["pairs"] if p[key] is not None and p["grad_cos"] is not None]
-        panels.append({"x": [p[key] for p in ok], "y": [p["grad_cos"] for p in ok], "c": [p["distance"] for p in ok],
-                       "xlabel": label, "ylabel": "gradient cosine", "clabel": "d"})
-    plots.scatter_panels(paths["similarity_png"], panels, title)
-    return paths
+        given = report["correlations"][f"{key}_vs_grad_cos_given_d"]
+        note = f"partial Spearman ρ given d = {fmt(given['rho'], '+.3f')} (p = {fmt(given['p'], '.3g')}, n = {given['n']})"
+        panels.append({"x": [p[key] for p in ok], "y": [p["grad_cos"] for p in ok], "d": [p["distance"] for p in ok],
+                       "xlabel": label, "ylabel": "gradient cosine", "note": note})
+    return plots.similarity_figure(panels, title)
 
 
 def format_report(report: dict) -> str:

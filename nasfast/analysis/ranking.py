@@ -96,6 +96,24 @@ def rank_correlation(estimates: dict, truth: dict, metric: str = "loss") -> dict
     }
 
 
+def replicate_ceiling(truths: Sequence[dict], metric: str = "loss") -> dict:
+    """Kendall τ between ground-truth replicates (the same children trained at different seeds),
+    averaged over every pair of replicates: no estimate can rank better than the truth agrees with itself.
+
+    ``tau`` is None with fewer than two replicates or no pair sharing ``MIN_CHILDREN`` children.
+    """
+    pairs = []
+    for i in range(len(truths)):
+        for j in range(i + 1, len(truths)):
+            a = {r["arch"]: r[metric] for r in truths[i]["results"]}
+            b = {r["arch"]: r[metric] for r in truths[j]["results"]}
+            common = [arch for arch in a if arch in b]
+            if len(common) >= MIN_CHILDREN:
+                pairs.append(kendall([a[c] for c in common], [b[c] for c in common]))
+    taus = [p["tau"] for p in pairs if p["tau"] is not None]
+    return {"tau": sum(taus) / len(taus) if taus else None, "pairs": pairs}
+
+
 def check_same_dev(result: dict) -> None:
     dev = result["dev"]
     if dev["estimates"] and dev["truth"] and dev["estimates"] != dev["truth"]:

@@ -56,6 +56,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", required=True, help="ground_truth.json from nasfast ground-truth (or its folder)")
     p.add_argument("--metric", default="loss", choices=("loss", "accuracy"), help="score to rank by (default loss)")
     p.add_argument("--out", help="output folder for rank.json and rank_scatter.png (default: the estimates' folder)")
+    p.add_argument("--replicate", action="append", metavar="TRUTH",
+                   help="ground truth of the same children at another seed (repeatable): their Kendall tau with "
+                        "--truth is the replicate ceiling, in rank.json and on the plot")
 
     p = sub.add_parser("sample-archs", help="a seeded arch list spread over parameter counts",
                        description="Write N distinct children, one per parameter-count quantile bin, seeded.")
@@ -142,23 +145,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_rank(args: argparse.Namespace) -> int:
     from nasfast.analysis import plots
     from nasfast.files import atomic_write_text
-    from nasfast.analysis.ranking import check_same_dev, fmt, load_results, rank_correlation
+    from nasfast.analysis.ranking import check_same_dev, fmt, load_results, rank_correlation, replicate_ceiling
 
     estimates, truth = load_results(args.estimates), load_results(args.truth)
+    replicates = [load_results(r) for r in args.replicate or []]
     out = check_output_dir(args.out if args.out else Path(args.estimates).parent, "--out")
     res = rank_correlation(estimates, truth, args.metric)
     res["estimates"], res["truth"] = str(args.estimates), str(args.truth)
+    if replicates:
+        res["replicate_ceiling"] = {**replicate_ceiling([truth, *replicates], args.metric),
+                                    "replicates": [str(r) for r in args.replicate]}
+    ceiling = res.get("replicate_ceiling", {}).get("tau")
     check_same_dev(res)
     atomic_write_text(out / "rank.json", json.dumps(res, indent=2))
     k, s = res["kendall"], res["spearman"]
     title = f"{args.metric}: Kendall τ = {fmt(k['tau'])}, Spearman ρ = {fmt(s['rho'])} (n = {k['n']})"
     children = res["children"]
-    plots.scatter_panels(out / "rank_scatter.png", [{
-        "x": [c["truth"] for c in children], "y": [c["estimate"] for c in children],
-        "xlabel": f"ground-truth dev {args.metric} (standalone)", "ylabel": f"inherited-weight dev {args.metric}",
-    }], title)
+    plots.save_figure(plots.rank_figure([c["truth"] for c in children], [c["estimate"] for c in children],
+                                        args.metric, title, ceiling), out / "rank_scatter.png")
     print(f"Kendall tau  = {fmt(k['tau'], '+.3f')}  p = {fmt(k['p'], '.3g')}")
     print(f"Spearman rho = {fmt(s['rho'], '+.3f')}  p = {fmt(s['p'], '.3g')}")
+    if replicates:
+        print(f"replicate ceiling (Kendall tau between ground-truth seeds) = {fmt(ceiling, '+.3f')}")
     print(f"n = {k['n']} children matched by arch id ({len(res['only_in_estimates'])} only in estimates, "
           f"{len(res['only_in_truth'])} only in truth) -> {out / 'rank.json'}, rank_scatter.png")
     return 0

@@ -80,8 +80,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"nasfast pretrain: diverged: {summary['message']}", file=sys.stderr)
         return 1
     base = summary["unigram_entropy"]
+    width = max(map(len, summary["dev"]), default=0)  # names like largest_with_context, old ones like largest
     for name, r in summary["dev"].items():
-        print(f"  dev {name:<9} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
+        print(f"  dev {name:<{width}} MLM loss {r['loss']:.3f} (unigram baseline {base:.3f})  accuracy {r['accuracy']:.3f}  {r['arch']}")
     if summary["status"].startswith("interrupted"):
         return 130 if "SIGINT" in summary["status"] else 143
     return 0 if summary["status"] in ("completed", "stopped") else 1
@@ -99,15 +100,21 @@ def _count(n: int) -> str:
 @command("space")
 def cmd_space(args: argparse.Namespace) -> int:
     from nasfast.space.checks import build_space, load_run_config
-    from nasfast.space.supernet import child_forward_flops, child_num_params
+    from nasfast.space.evaluation import reference_children
+    from nasfast.space.supernet import child_forward_flops, child_num_params, space_cost_range
 
     cfg = load_run_config(args.config, args.set)
     space = build_space(cfg)
     vocab, T = cfg.data.vocab_size, cfg.data.block_size
-    archs = [space.parse(a) for a in args.arch] if args.arch else [space.smallest(), space.largest()]
+    # without --arch: the run's reference children, labelled as summary.json labels them
+    archs = {a: space.parse(a) for a in args.arch} if args.arch else reference_children(space)
     print(f"{space.num_layers} layers x {len(space.candidates)} candidates ({', '.join(space.names)}): {_count(space.size)} children")
-    for arch in archs:
-        print(f"{space.arch_id(arch)}  params={child_num_params(space, arch, vocab, cfg.model.max_len):,}  "
+    span = space_cost_range(space, vocab, cfg.model.max_len, T)
+    print(f"range over all children: params {span['params'][0]:,} .. {span['params'][1]:,}  "
+          f"flops/seq(T={T}) {span['flops_per_sequence'][0]:,} .. {span['flops_per_sequence'][1]:,}")
+    for label, arch in archs.items():
+        named = "" if args.arch else f"{label}: "
+        print(f"{named}{space.arch_id(arch)}  params={child_num_params(space, arch, vocab, cfg.model.max_len):,}  "
               f"flops/seq(T={T})={child_forward_flops(space, arch, vocab, T):,}")
     return 0
 

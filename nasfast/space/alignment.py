@@ -81,8 +81,10 @@ class AnchorTracker:
     - Warm-up: the first ``warmup`` steps train without alignment (``anchor_for`` returns None), so
       the initial anchor is chosen on weights that already separate good children from bad ones.
     - Initial anchor (chosen at step ``warmup``): ``best:N`` scores N seeded random children together
-      and takes the best; ``random`` a seeded random child; ``largest`` the largest child (all
-      FFN, i.e. a child without a context operator: a poor anchor, kept for ablations); or an arch.
+      and takes the best; ``random`` a seeded random child; ``largest`` the largest child by
+      parameters; or an arch. The drawn and ``largest`` anchors are children *with context* (a layer
+      that mixes positions, ``SearchSpace.has_context``), the notion the run's reference children use:
+      a context-free child (e.g. all FFN) learns only unigram statistics, a target not worth aligning to.
     - Challenge: every ``every`` steps after the warm-up the current child challenges the anchor and
       BOTH are scored in the same call on the same weights. A score cached when the anchor was
       installed goes stale as the supernet improves, and then almost any challenger wins.
@@ -103,13 +105,14 @@ class AnchorTracker:
     def _initial(self) -> Arch:
         rng = python_rng(self.seed, purpose="anchor")  # the same draws as the historical "anchor:{seed}" seed
         if self.init == "largest":
-            return self.space.largest()
+            return self.space.largest_with_context() or self.space.largest()  # or: no candidate mixes tokens
         if self.init == "random":
-            return self.space.random_arch(rng)
+            return self.space.random_arch_with_context(rng)
         if self.fixed is not None:
             return self.fixed
         n = anchor_init_count(self.init)
-        pool = list(dict.fromkeys(self.space.random_arch(rng) for _ in range(n)))  # distinct, in draw order
+        draws = (self.space.random_arch_with_context(rng) for _ in range(n))
+        pool = list(dict.fromkeys(draws))  # distinct, in draw order
         scores = self.score_fn(pool)
         best = min(range(len(pool)), key=lambda i: scores[i])
         self.score = scores[best]

@@ -7,6 +7,7 @@ and which carries everything the rest of nasfast needs to know about it:
   default ``from_token`` parses positive integers, a kind with other arguments overrides it;
 - its constraints: ``__post_init__`` for the token alone (a convolution's odd width), ``validate``
   for what depends on the hidden size (attention heads must divide it);
+- ``mixes_tokens``: whether it mixes positions (attention, convolution; default False);
 - its exact parameter count and forward FLOPs (matmuls and convolutions, 2 per multiply-add);
 - ``build``: the ``nn.Module`` of one (layer, candidate), called as ``module(x, token_mask, ops)``;
   its ``init_weights`` hook initialises what the generic init (normal ``Linear``/``Embedding``
@@ -72,6 +73,10 @@ class Candidate:
 
     kind: ClassVar[str] = ""
     usage: ClassVar[str] = ""  # how the token is written, for error messages, e.g. "mha:<heads>"
+    # True for an operator that mixes information across positions (attention, convolution). A child
+    # without one sees each token alone and can learn only unigram statistics, so it is no meaningful
+    # reference child or MAGIC-A anchor (nasfast.space.searchspace.SearchSpace.has_context).
+    mixes_tokens: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -168,6 +173,7 @@ class MultiHeadAttention(Candidate):
 
     kind: ClassVar[str] = "mha"
     usage: ClassVar[str] = "mha:<heads>"
+    mixes_tokens: ClassVar[bool] = True
     heads: int
 
     def validate(self, hidden: int) -> None:
@@ -292,6 +298,7 @@ class SeparableConv(Candidate):
 
     kind: ClassVar[str] = "conv"
     usage: ClassVar[str] = "conv:<odd width>"
+    mixes_tokens: ClassVar[bool] = True
     width: int
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from nasfast.config import Config, load_config
-from nasfast.errors import UserError, require
+from nasfast.errors import UserError, require, warn
 from nasfast.kernels.registry import known_backends
 from nasfast.space.alignment import anchor_init_count
 from nasfast.space.samplers import SAMPLERS, WALKS, build_sampler
@@ -48,7 +48,10 @@ def check_config(cfg: Config) -> None:
     except ValueError as exc:
         raise UserError(f"align.anchor_init: {exc}") from None
     if al.anchor_init not in ("largest", "random") and not is_best:
-        space.parse(al.anchor_init)  # raises UserError naming the problem
+        fixed = space.parse(al.anchor_init)  # raises UserError naming the problem
+        if SAMPLERS[sc.name].aligns and space.context_candidates and not space.has_context(fixed):
+            warn(f"align.anchor_init '{al.anchor_init}' has no attention or convolution layer: it sees each token "
+                 "alone (unigram statistics only), a poor MAGIC-A anchor")
     if SAMPLERS[sc.name].aligns:
         require(d.anchor_blocks > 0, f"sampler '{sc.name}' (MAGIC-A) needs an anchor-selection split disjoint from "
                                   "the dev data: set data.anchor_blocks (e.g. 64) below data.dev_blocks")

@@ -34,10 +34,31 @@ def evaluate_child(supernet, arch: Arch, batches: list[dict], device: torch.devi
         supernet.train(was_training)
 
 
+def reference_children(space: SearchSpace) -> dict[str, Arch]:
+    """The fixed reference children, named by what they are (the same in every run of a space).
+
+    ``largest_with_context`` / ``smallest_with_context``: most / fewest parameters among the children
+    with a layer that mixes positions (the largest child by parameters alone is often all-FFN, which
+    sees each token alone and scores at best the unigram baseline: no reference a NAS reader can use);
+    ``smallest``: the smallest child overall. A child already listed under an earlier name is not
+    repeated. A space without a mixing candidate has only ``largest`` and ``smallest``.
+    """
+    largest, smallest = space.largest_with_context(), space.smallest_with_context()
+    if largest is None:  # no candidate mixes tokens: the old references are all there is
+        named = {"largest": space.largest(), "smallest": space.smallest()}
+    else:
+        named = {"largest_with_context": largest, "smallest_with_context": smallest, "smallest": space.smallest()}
+    children: dict[str, Arch] = {}
+    for name, arch in named.items():
+        if arch not in children.values():
+            children[name] = arch
+    return children
+
+
 def representative_children(space: SearchSpace, num_random: int) -> dict[str, Arch]:
-    """Largest, smallest and a few fixed random children (the same in every run of a space)."""
+    """The reference children (``reference_children``) and a few fixed random children."""
     rng = random.Random(REPRESENTATIVE_SEED)
-    children = {"largest": space.largest(), "smallest": space.smallest()}
+    children = reference_children(space)
     for i in range(num_random):
         children[f"random{i}"] = space.random_arch(rng)
     return children

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from nasfast.space.candidates import CANDIDATES, Candidate
 from nasfast.errors import UserError
@@ -81,6 +81,55 @@ class SearchSpace:
     def smallest(self) -> Arch:
         best = min(range(len(self.candidates)), key=lambda i: self.candidates[i].num_params(self.hidden))
         return (best,) * self.num_layers
+
+    # --- children with context (docs/protocols.md: references and anchors must mix tokens) ----------
+    @property
+    def context_candidates(self) -> list[int]:
+        """Indices of the candidates that mix positions (``Candidate.mixes_tokens``: mha, conv)."""
+        return [i for i, c in enumerate(self.candidates) if c.mixes_tokens]
+
+    def has_context(self, arch: Sequence[int]) -> bool:
+        """Whether ``arch`` has a layer that mixes positions; without one it sees every token alone
+        and can learn only unigram statistics (it cannot beat the unigram baseline)."""
+        return any(self.candidates[i].mixes_tokens for i in arch)
+
+    def _extreme_with_context(self, pick: Callable) -> Optional[Arch]:
+        """The child that ``pick`` (min or max) selects by parameters among those with context.
+
+        Costs are additive over layers and every layer has the same candidates, so the optimum puts
+        the best context candidate on one layer (layer 0: every later layer then sees context) and
+        the overall best on the others; if that one mixes tokens itself, it fills every layer.
+        """
+        context = self.context_candidates
+        if not context:
+            return None
+        params = lambda i: self.candidates[i].num_params(self.hidden)  # noqa: E731
+        overall = pick(range(len(self.candidates)), key=params)
+        if self.candidates[overall].mixes_tokens:
+            return (overall,) * self.num_layers
+        return (pick(context, key=params),) + (overall,) * (self.num_layers - 1)
+
+    def largest_with_context(self) -> Optional[Arch]:
+        """The child with the most parameters among those with context (None: no candidate mixes tokens)."""
+        return self._extreme_with_context(max)
+
+    def smallest_with_context(self) -> Optional[Arch]:
+        """The child with the fewest parameters among those with context (None: no candidate mixes tokens)."""
+        return self._extreme_with_context(min)
+
+    def random_arch_with_context(self, rng: random.Random) -> Arch:
+        """A uniform random child among those with context (rejection sampling: the first draw when it
+        has context, so the draws match ``random_arch``'s then); any child if no candidate mixes tokens."""
+        while True:
+            arch = self.random_arch(rng)
+            if not self.context_candidates or self.has_context(arch):
+                return arch
+
+    def cost_range(self, cost: Callable[[Candidate], int]) -> tuple[Arch, Arch]:
+        """(cheapest, costliest) child by an additive per-layer ``cost``: exact, without enumerating
+        the space, because a sum over layers is minimal (maximal) where each layer is."""
+        order = sorted(range(len(self.candidates)), key=lambda i: cost(self.candidates[i]))
+        return (order[0],) * self.num_layers, (order[-1],) * self.num_layers
 
     # --- cost model ----------------------------------------------------------------------------
     def layer_params(self, arch: Sequence[int]) -> int:

@@ -220,3 +220,13 @@ def child_forward_flops(space: SearchSpace, arch: Sequence[int], vocab_size: int
     """Exact matmul FLOPs of one sequence through the child with the MLM head on every position."""
     H, T = space.hidden, seq_len
     return space.layer_flops(arch, T) + 2 * T * H * H + 2 * T * H * vocab_size
+
+
+def space_cost_range(space: SearchSpace, vocab_size: int, max_len: int, seq_len: int) -> dict:
+    """Exact min and max over all children of parameters and FLOPs per sequence, without enumerating
+    the space (per-layer costs are additive; the embeddings and head are the same for every child)."""
+    H = space.hidden
+    low_p, high_p = space.cost_range(lambda c: c.num_params(H))
+    low_f, high_f = space.cost_range(lambda c: c.forward_flops(H, seq_len))
+    return {"params": [child_num_params(space, a, vocab_size, max_len) for a in (low_p, high_p)],
+            "flops_per_sequence": [child_forward_flops(space, a, vocab_size, seq_len) for a in (low_f, high_f)]}

@@ -162,20 +162,75 @@ def pyplot():
     return plt
 
 
-def training_curves(path: Path, records: list[dict], unigram: float | None = None) -> None:
-    """Train loss per logged step and dev MLM loss of each representative child (from metrics.jsonl)."""
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` as a PNG and free it: every nasfast plot is saved through here."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="0.6", lw=1, label="train loss (sampled child)")
+    try:
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def _finite(value: Any) -> float:
+    """A logged number as a float; None (a non-finite value written as null) becomes NaN: a gap."""
+    return math.nan if value is None else float(value)
+
+
+def _anchor_changes(records: list[dict]) -> list[int]:
+    """Steps at which MAGIC-A's anchor was first chosen or replaced (from the logged anchor fields)."""
+    steps, previous = [], None
+    for r in records:
+        anchor = r.get("anchor")
+        if anchor is not None and (r.get("anchor_changed") or (previous is None)):
+            steps.append(r["step"])
+        previous = anchor if anchor is not None else previous
+    return steps
+
+
+def curves_figure(records: list[dict], unigram: float | None = None):
+    """The curves of a run: train MLM loss of the sampled child, dev MLM loss of each reference child,
+    and for MAGIC-A runs a second panel with the alignment loss and the anchor changes.
+
+    The train line is ``mlm_loss`` where the step logged one: ``loss`` of an aligned run is
+    MLM + λ·alignment, not an MLM loss, so it is never drawn under that name.
+    """
+    plt = pyplot()
+    aligned = any("align_loss" in r for r in records)
+    fig, axes = plt.subplots(2 if aligned else 1, 1, figsize=(6.4, 6.2 if aligned else 4), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [2.2, 1]} if aligned else None)
+    ax = axes[0][0]
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [_finite(r.get("mlm_loss", r.get("loss"))) for r in records], color="0.6", lw=1,
+            label="train MLM loss (sampled child)")
     evals = [r for r in records if "dev" in r]
     for name in (evals[-1]["dev"] if evals else {}):
-        points = [(r["step"], r["dev"][name]["loss"]) for r in evals if name in r["dev"]]
-        ax.plot(*zip(*points), marker="o", ms=3, label=f"dev {name}")
+        points = [(r["step"], _finite(r["dev"][name]["loss"])) for r in evals if name in r["dev"]]
+        ax.plot(*zip(*points), marker="o", ms=3, label=f"dev {name.replace('_', ' ')}")
     if unigram is not None:
         ax.axhline(unigram, color="k", ls="--", lw=1, label=f"unigram baseline {unigram:.2f}")
-    ax.set(xlabel="step", ylabel="MLM loss (nats)", title="supernet pretraining")
-    ax.grid(alpha=0.3)
+    ax.set(ylabel="MLM loss (nats)", title="supernet pretraining")
+    if aligned:
+        _alignment_panel(axes[1][0], records, [ax])
+    axes[-1][0].set_xlabel("step")
+    for a in axes[:, 0]:
+        a.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _alignment_panel(ax, records: list[dict], others: list) -> None:
+    """MAGIC-A's alignment loss per logged step; the anchor's choice and changes as dotted lines."""
+    rows = [r for r in records if "align_loss" in r]
+    ax.plot([r["step"] for r in rows], [_finite(r["align_loss"]) for r in rows], color="tab:purple", lw=1,
+            label="alignment loss (sampled child vs anchor)")
+    for i, step in enumerate(_anchor_changes(records)):
+        for a in (ax, *others):
+            a.axvline(step, color="0.35", ls=":", lw=1.2, label="anchor chosen or changed" if i == 0 and a is ax else None)
+    ax.set_ylabel("alignment loss")
+    ax.legend(fontsize=7)
+
+
+def training_curves(path: Path, records: list[dict], unigram: float | None = None) -> None:
+    """curves.png of a run (``curves_figure``) from its metrics.jsonl records."""
+    save_figure(curves_figure(records, unigram), path)

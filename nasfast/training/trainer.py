@@ -37,7 +37,7 @@ from nasfast.data.loader import StepLoader
 from nasfast.training.metrics import MetricsLog, TrainLogger, read_metrics, training_curves
 from nasfast.training.runfolder import RunFolder, check_resume_changes
 from nasfast.space.samplers import build_sampler
-from nasfast.space.supernet import Supernet, child_forward_flops, child_num_params
+from nasfast.space.supernet import Supernet, child_forward_flops, child_num_params, space_cost_range
 
 __all__ = ["Trainer", "Diverged"]
 
@@ -314,6 +314,7 @@ class Trainer:
             "children": children,
             "supernet_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()),  # ZeRO-3: full size
             "search_space_size": self.space.size,
+            "search_space_range": space_cost_range(self.space, vocab, self.cfg.model.max_len, T),  # min, max
             "device": str(self.device),
             "backend": self.model.ops.name,
             "fused_ops": list(self.model.ops.fused),  # the other ops ran the eager reference
