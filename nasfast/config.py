@@ -118,7 +118,8 @@ class AlignConfig:
     weight: float = opt(0.1, "λ of the alignment term λ · Σ_l mean((h_l(child) − h_l(anchor))²)")
     anchor_every: int = opt(20, "steps between anchor challenges (anchor and child re-scored together on the "
                                 "current weights)")
-    anchor_init: str = opt("best:8", "best:N (best of N random children) | random | largest | an arch string")
+    anchor_init: str = opt("best:8", "best:N (best of N random children with context) | random (a random child with context) | "
+                                      "largest (the largest child with context) | an arch string (one without mha/conv warns)")
     anchor_warmup: Optional[int] = opt(None, "steps of plain MLM before the anchor is chosen and alignment starts "
                                              "(null: 10% of train.steps)")
     prefix_sharing: bool = opt(True, "compute the layers child and anchor share before their first difference once "
