@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine description, the command line, an interleaved timer and the
-results writer. Run benchmarks from the repository root as modules (``python -m benchmarks.NAME``), so
-``benchmarks`` imports as a package and no script edits ``sys.path``."""
+results writer. Run benchmarks from the repository root as modules (``python -m benchmarks.NAME``):
+``benchmarks`` then imports as a namespace package (no ``__init__.py``, so it can never shadow an installed
+distribution; see tests/test_packaging.py) and no script edits ``sys.path``."""
 from __future__ import annotations
 
 import json

@@ -63,3 +63,12 @@ def forward_old_names(package: str, module: str) -> object:
         return getattr(target, name)
 
     return __getattr__
+
+
+def renamed(module: str, names: dict[str, str], name: str) -> object:
+    """The body of a module ``__getattr__`` for names renamed in place: ``names[name]`` with a warning."""
+    if name not in names:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} is now {module}.{names[name]}; the old name is removed in nasfast 0.3",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(sys.modules[module], names[name])

@@ -178,3 +178,16 @@ def test_old_names_of_the_space_and_data_modules_still_import():
             "print(SearchSpace.__module__, build_corpus.__module__, supernet.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["nasfast.space.searchspace", "nasfast.data.blocks", "nasfast.space.supernet"], out.stderr
+
+
+def test_renamed_classes_still_import_for_one_release():
+    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            "from nasfast.space.candidates import AttentionModule, MultiHeadAttention\n"
+            "from nasfast.nas.search import BudgetSampler\n"
+            "warnings.simplefilter('ignore', DeprecationWarning)\n"
+            "from nasfast.space.candidates import AttentionCandidate, FeedForwardCandidate, ConvCandidate\n"
+            "from nasfast.nas.search import Sampler\n"
+            "import nasfast.space.candidates as c\n"
+            "print(AttentionCandidate is AttentionModule, ConvCandidate is c.SeparableConvModule, Sampler is BudgetSampler)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr

@@ -104,7 +104,7 @@ class Child:
 
 
 # --- budget-aware sampling and variation --------------------------------------------------------
-class Sampler:
+class BudgetSampler:
     """Draws children under the budget; costs are additive per layer (exact params / FLOPs)."""
 
     def __init__(self, space: SearchSpace, budget: Budget, cost: Cost, rng: random.Random):
@@ -228,7 +228,7 @@ def run_search(
 ) -> dict:
     """Search; ``score([arch])`` is called only for children not in ``cache``."""
     rng = random.Random(settings.seed)
-    sampler = Sampler(space, budget, cost, rng)
+    sampler = BudgetSampler(space, budget, cost, rng)
     sampler.check_feasible()
     children: list[Child] = []
     seen: set = set()
@@ -405,3 +405,11 @@ def search_figure(result: dict):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over a point
     fig.tight_layout()
     return fig
+
+
+def __getattr__(name: str):
+    """``Sampler`` was this module's name for ``BudgetSampler`` (and clashed with nasfast.space.samplers.Sampler);
+    importable with a warning until 0.3."""
+    from nasfast._moved import renamed
+
+    return renamed(__name__, {"Sampler": "BudgetSampler"}, name)

@@ -148,7 +148,7 @@ class Sublayer(CandidateModule):
 
 
 # --- the kinds: each is its module and its registered class ------------------------------------------
-class AttentionCandidate(Sublayer):
+class AttentionModule(Sublayer):
     def __init__(self, hidden: int, heads: int, cfg: ModelConfig):
         super().__init__(hidden, cfg)
         self.heads = heads
@@ -189,7 +189,7 @@ class MultiHeadAttention(Candidate):
         return 2 * T * H * 3 * H + 2 * T * T * H * 2 + 2 * T * H * H  # qkv, QK^T and PV, output
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return AttentionCandidate(hidden, self.heads, cfg)
+        return AttentionModule(hidden, self.heads, cfg)
 
 
 def _gelu_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple:
@@ -199,7 +199,7 @@ def _gelu_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple:
     return h, linear.bias.to(h.dtype)
 
 
-class FeedForwardCandidate(Sublayer):
+class FeedForwardModule(Sublayer):
     def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
         super().__init__(hidden, cfg)
         self.fc1 = nn.Linear(hidden, inner)
@@ -227,10 +227,10 @@ class FeedForward(Candidate):
         return 2 * seq_len * hidden * self.inner * 2
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return FeedForwardCandidate(hidden, self.inner, cfg)
+        return FeedForwardModule(hidden, self.inner, cfg)
 
 
-class GatedFeedForwardCandidate(Sublayer):
+class GatedFeedForwardModule(Sublayer):
     """GEGLU feed-forward: ``down(GELU(gate(x)) * up(x))``."""
 
     def __init__(self, hidden: int, inner: int, cfg: ModelConfig):
@@ -269,10 +269,10 @@ class GatedFeedForward(Candidate):
         return 2 * seq_len * hidden * self.inner * 3
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return GatedFeedForwardCandidate(hidden, self.inner, cfg)
+        return GatedFeedForwardModule(hidden, self.inner, cfg)
 
 
-class ConvCandidate(Sublayer):
+class SeparableConvModule(Sublayer):
     """Separable convolution: depthwise conv (width k) + bias + GELU, then pointwise projection."""
 
     def __init__(self, hidden: int, width: int, cfg: ModelConfig):
@@ -314,10 +314,10 @@ class SeparableConv(Candidate):
         return 2 * T * H * self.width + 2 * T * H * H
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return ConvCandidate(hidden, self.width, cfg)
+        return SeparableConvModule(hidden, self.width, cfg)
 
 
-class IdentityCandidate(CandidateModule):
+class IdentityModule(CandidateModule):
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], ops: OpSet) -> torch.Tensor:
         return x
 
@@ -337,4 +337,17 @@ class Identity(Candidate):
         return 0
 
     def build(self, hidden: int, cfg: ModelConfig) -> nn.Module:
-        return IdentityCandidate()
+        return IdentityModule()
+
+
+def __getattr__(name: str):
+    """The module classes' names before 0.2.1 (``AttentionCandidate`` was the ``nn.Module`` of
+    ``MultiHeadAttention``, the candidate), importable with a warning until 0.3."""
+    from nasfast._moved import renamed
+
+    return renamed(__name__, RENAMED, name)
+
+
+RENAMED = {"AttentionCandidate": "AttentionModule", "FeedForwardCandidate": "FeedForwardModule",
+           "GatedFeedForwardCandidate": "GatedFeedForwardModule", "ConvCandidate": "SeparableConvModule",
+           "IdentityCandidate": "IdentityModule"}
