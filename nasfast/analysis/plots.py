@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nasfast.files import atomic_savefig
 from nasfast.training.metrics import pyplot as _pyplot
 
 
@@ -15,7 +16,7 @@ def errorbar(path: Path, x: Sequence, mean: Sequence, std: Sequence, xlabel: str
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -33,5 +34,5 @@ def scatter_panels(path: Path, panels: list[dict], title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from nasfast.files import atomic_write_text
+from nasfast.files import atomic_savefig, atomic_write_text
 from nasfast.errors import UserError
 from nasfast.space.searchspace import Arch, SearchSpace
 
@@ -372,5 +372,5 @@ def plot_search(path: Path, result: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
