@@ -302,6 +302,10 @@ def save_folder(model: PreTrainedModel, tokenizer, out: Path) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; an export is an ordinary folder
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would be a second stderr line of an error
     try:
         with writing(out, partial=tmp):  # a full disk: one line naming --out; the earlier export stays
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -311,6 +315,8 @@ def save_folder(model: PreTrainedModel, tokenizer, out: Path) -> Path:
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
