@@ -197,7 +197,8 @@ def writing(path: Optional[Path], partial: Optional[Path] = None) -> Iterator[No
     try:
         yield
     except BaseException as exc:
-        code = None if isinstance(exc, (StorageError, KeyboardInterrupt, SystemExit)) else storage_errno(exc, path)
+        # a UserError already says what went wrong and where (its text may quote an errno's)
+        code = None if isinstance(exc, (UserError, KeyboardInterrupt, SystemExit)) else storage_errno(exc, path)
         if partial is not None:
             _remove(Path(partial))
         if code is None:

@@ -144,6 +144,17 @@ def test_export_on_a_full_disk_keeps_the_earlier_export(disk, micro_run):
     assert temp_leftovers(disk.path) == []
 
 
+# --- prepare-data (tokenizer, token blocks, manifest into a temp folder) ---------------------------------
+def test_prepare_data_on_a_full_disk_leaves_no_half_folder(disk, micro_yaml):
+    out = disk.path / "prepared"
+    disk.fill(leave=16 * 1024)  # the tokenizer fits, the token blocks do not
+    proc = cli("prepare-data", "--config", micro_yaml, "--out", out, "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_line(proc.stderr, f"nasfast prepare-data: error: no space left on device writing {out} (")
+    assert f"free on {disk.path}); free space, then run the command again" in line, line
+    assert sorted(p.name for p in disk.path.iterdir()) == ["filler"]  # the temp folder is gone
+
+
 # --- an analysis command's cache and JSON -----------------------------------------------------------------
 def test_ground_truth_on_a_full_disk_keeps_its_cache_and_resumes(disk, micro_run):
     gt = disk.path / "gt"
