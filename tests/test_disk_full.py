@@ -94,6 +94,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # --- pretrain -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_matches(disk, micro_yaml, micro_config, tmp_path):
     disk.resize("900k")  # data/ and the step-2 checkpoint fit; the step-4 temp file beside it does not
     out = disk.path / "run"
@@ -116,6 +117,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_matches(disk, m
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))  # none lost, none twice
 
 
+@pytest.mark.slow
 def test_full_disk_before_any_checkpoint_says_to_run_the_same_command(disk, micro_yaml):
     disk.resize("400k")  # not even the first checkpoint fits: --resume would find nothing to resume
     out = disk.path / "run"
