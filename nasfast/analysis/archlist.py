@@ -33,9 +33,9 @@ def read_archs(path: str | Path, space: SearchSpace) -> list[Arch]:
 
 
 def write_archs(path: str | Path, space: SearchSpace, archs: list[Arch]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(space.arch_id(a) + "\n" for a in archs))
+    from nasfast.files import atomic_write_text
+
+    atomic_write_text(Path(path), "".join(space.arch_id(a) + "\n" for a in archs))
 
 
 def stratified_archs(space: SearchSpace, n: int, seed: int, params) -> list[Arch]:

@@ -13,6 +13,7 @@ from nasfast.cli import analysis as cli_analysis
 from nasfast.cli import nas as cli_nas
 from nasfast.cli.common import COMMANDS, command, quiet_libraries
 from nasfast.errors import BUG_REPORT, UserError
+from nasfast.files import StorageError, writing
 
 
 @command("prepare-data")
@@ -65,10 +66,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         ds_env_defaults()
         load_ds_config(cfg.train.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     quiet_libraries()
-    trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
-    if trainer.world.is_main:  # once, before the first step: which ops run fused, which the eager reference
-        print(f"kernels: {trainer.model.ops.describe()}", flush=True)
-    summary = trainer.train()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        if trainer.world.is_main:  # once, before the first step: which ops run fused, which the eager reference
+            print(f"kernels: {trainer.model.ops.describe()}", flush=True)
+        summary = trainer.train()
+    except StorageError as exc:
+        raise exc.then(_rerun_after_disk_fault(trainer)) from None
     if not trainer.world.is_main:
         return 0
     if summary.get("already_completed"):
@@ -86,6 +91,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if summary["status"].startswith("interrupted"):
         return 130 if "SIGINT" in summary["status"] else 143
     return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+def _rerun_after_disk_fault(trainer) -> str:
+    """What to run once space is freed: --resume continues from the last checkpoint, if one was written."""
+    step = trainer.checkpointer.last_step if trainer is not None else None
+    if step is None:  # failed while starting, or before the first checkpoint: the same command starts again
+        return "run the same command again"
+    return f"rerun with --resume (it continues from the checkpoint of step {step})"
 
 
 def _count(n: int) -> str:
@@ -173,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return COMMANDS[args.command](args)
+        with writing(None):  # a full or read-only disk in a writer that did not name its file: still one line
+            return COMMANDS[args.command](args)
     except UserError as exc:
         _error(argv, f"error: {exc}")
         return 2

@@ -30,6 +30,7 @@ from nasfast.config import DataConfig
 from nasfast.data.sources import MAX_UNDECODABLE_SHARE, corpus_files, read_lines, resolve_sources
 from nasfast.distributed import World
 from nasfast.errors import UserError
+from nasfast.files import writing
 from nasfast.data.prepare import (
     DEV_SPLIT_SEED,
     SPECIAL_TOKENS,
@@ -297,14 +298,15 @@ def _install(corpus: Corpus, source: Path, data_dir: Path, copy: bool) -> None:
                             "choose another --out")
     tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if (source / "blocks.npz").is_file():  # an older-format folder: small by construction, copied as it is
-        shutil.copytree(source, tmp)
-    else:
-        shutil.copytree(source / "tokenizer", tmp / "tokenizer")
-        if copy:
-            np.savez(tmp / "blocks.npz", train=np.asarray(corpus.train_blocks), dev=np.asarray(corpus.dev_blocks))
+    with writing(data_dir, partial=tmp):  # a full disk: one line naming data/, no half copy left behind
+        if (source / "blocks.npz").is_file():  # an older-format folder: small by construction, copied as it is
+            shutil.copytree(source, tmp)
         else:
-            (tmp / REFERENCE).write_text(json.dumps(corpus.source, indent=1) + "\n")
+            shutil.copytree(source / "tokenizer", tmp / "tokenizer")
+            if copy:
+                np.savez(tmp / "blocks.npz", train=np.asarray(corpus.train_blocks), dev=np.asarray(corpus.dev_blocks))
+            else:
+                (tmp / REFERENCE).write_text(json.dumps(corpus.source, indent=1) + "\n")
     if data_dir.exists():
         shutil.rmtree(data_dir)
     tmp.rename(data_dir)

@@ -40,6 +40,7 @@ from nasfast.config import DataConfig
 from nasfast.data.sources import Source, iter_corpus, iter_source, resolve_sources
 from nasfast.errors import UserError
 from nasfast.faults import kill_point
+from nasfast.files import writing
 from nasfast.rng import DEV_SPLIT_SEED
 
 FORMAT = "nasfast-prepared/1"
@@ -301,16 +302,18 @@ def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = Fals
         return stats_of(out)
     started = time.perf_counter()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        with writing(out):  # a full or read-only disk: its own message (StorageError is no OSError)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _clear_leftovers(out)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write prepared data under {out.parent}: {exc.strerror or exc}") from None
     try:
-        stats = _prepare_into(tmp, cfg, sources, key, num_proc, progress, started)
+        with writing(out, partial=tmp):
+            stats = _prepare_into(tmp, cfg, sources, key, num_proc, progress, started)
         kill_point("prepare:before-rename")
         try:
             tmp.rename(out)
@@ -397,19 +400,20 @@ def convert_legacy(folder: Path, out: Path, cfg: DataConfig) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder / "tokenizer", tmp / "tokenizer")
     try:
-        train_digest, dev_digest = hashlib.sha256(), hashlib.sha256()
-        _write_npy(tmp / "train.npy", dtype, train.shape, [train], train_digest)
-        _write_npy(tmp / "dev.npy", dtype, dev.shape, [dev], dev_digest)
-        np.save(tmp / "counts.npy", np.bincount(train.ravel(), minlength=vocab).astype(np.int64))
-        manifest = {
-            "format": FORMAT, "hash": content_hash(dtype, T, train_digest.hexdigest(), dev_digest.hexdigest(), tokenizer),
-            "key": None, "block_size": T, "dtype": dtype.name, "vocab_size": vocab, "train_blocks": len(train),
-            "dev_blocks": len(dev), "tokens": (len(train) + len(dev)) * T, "converted_from": str(folder),
-            "settings": settings_of(cfg),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        with writing(out, partial=tmp):
+            shutil.copytree(folder / "tokenizer", tmp / "tokenizer")
+            train_digest, dev_digest = hashlib.sha256(), hashlib.sha256()
+            _write_npy(tmp / "train.npy", dtype, train.shape, [train], train_digest)
+            _write_npy(tmp / "dev.npy", dtype, dev.shape, [dev], dev_digest)
+            np.save(tmp / "counts.npy", np.bincount(train.ravel(), minlength=vocab).astype(np.int64))
+            manifest = {
+                "format": FORMAT, "hash": content_hash(dtype, T, train_digest.hexdigest(), dev_digest.hexdigest(), tokenizer),
+                "key": None, "block_size": T, "dtype": dtype.name, "vocab_size": vocab, "train_blocks": len(train),
+                "dev_blocks": len(dev), "tokens": (len(train) + len(dev)) * T, "converted_from": str(folder),
+                "settings": settings_of(cfg),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         try:
             tmp.rename(out)
         except OSError:  # another process converted it meanwhile

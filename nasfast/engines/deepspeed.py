@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from nasfast.config import Config
 from nasfast.errors import UserError, warn
+from nasfast.files import writing
 from nasfast.space.searchspace import Arch
 from nasfast.engines.zero_child import child_zero12_step, fallback_cost, hold_gathered, internals_tested, supports_child_step
 
@@ -308,7 +309,8 @@ class DeepSpeedEngine:
         self.check_finite(step)
         folder = self.run_dir / DS_DIR
         tag = f"step{step}"
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state={}, save_latest=False)
+        with writing(folder / tag):  # a full disk (torch.save hides its errno); after_save of the next good save
+            self.engine.save_checkpoint(str(folder), tag=tag, client_state={}, save_latest=False)  # drops this tag
         return {"deepspeed": {"tag": tag, "stage": self.stage, "world_size": self.world.size}}
 
     def load_shards(self, meta: Optional[dict]) -> None:

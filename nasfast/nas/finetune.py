@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from nasfast.files import atomic_write_text
+from nasfast.files import atomic_write_text, writing
 from nasfast.errors import UserError
 from nasfast.nas.trainer_output import one_line_per_evaluation
 
@@ -291,7 +291,8 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
     key = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
     data = {s: _encode(tokenizer, task, getattr(task, s), settings.max_len) for s in ("train", "dev", "test")}
     collator = DataCollatorWithPadding(tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "labels.json", json.dumps({"id2label": task.label_names, "task": task.name}, indent=2))
 
     def accuracy(pred) -> dict:
@@ -332,7 +333,8 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
         trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                           data_collator=collator, compute_metrics=accuracy)
         one_line_per_evaluation(trainer, seed)
-        trainer.train()
+        with writing(work, partial=work):  # the Trainer's checkpoints: scratch, removed on a full disk
+            trainer.train()
         dev = trainer.evaluate(data["dev"], metric_key_prefix="dev")
         test = trainer.evaluate(data["test"], metric_key_prefix="test")
         print(f"seed {seed}: best dev accuracy {dev['dev_accuracy']:.4f}, test accuracy {test['test_accuracy']:.4f}", flush=True)
@@ -400,9 +402,10 @@ def _save_model(trainer, tokenizer, folder: Path, seed: int) -> None:
     """Write the fine-tuned model beside ``folder`` and move it into place (readers never see half a model)."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    atomic_write_text(tmp / "finetune_seed.json", json.dumps({"seed": seed}))
+    with writing(folder, partial=tmp):  # a full disk: the previous best model stays in place
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "finetune_seed.json", json.dumps({"seed": seed}))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, Seque
 from nasfast.kernels.registry import BACKENDS, get_ops
 from nasfast.config import ModelConfig
 from nasfast.errors import UserError
+from nasfast.files import writing
 from nasfast.space.candidates import Candidate, CandidateModule
 from nasfast.space.supernet import Embeddings, MLMHead
 
@@ -304,19 +305,27 @@ def save_folder(model: PreTrainedModel, tokenizer, out: Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_export_folder(out))):
         raise UserError(f"--out {out} exists and is not an earlier nasfast export; choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; an export is an ordinary folder
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would be a second stderr line of an error
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        with writing(out, partial=tmp):  # a full disk: one line naming --out; the earlier export stays
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out

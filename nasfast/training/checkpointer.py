@@ -17,7 +17,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from nasfast import rng
-from nasfast.files import atomic_save
+from nasfast.files import atomic_save, writing
 from nasfast.errors import UserError
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -145,9 +145,10 @@ class Checkpointer:
         folder = self.path.parent
         probe = folder / f".{self.path.name}.tmp-probe-{os.getpid()}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            with writing(folder):  # a full or read-only disk: its own message (StorageError is no OSError)
+                folder.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"")
+                probe.unlink()
         except OSError as exc:
             raise UserError(f"cannot write checkpoints to {folder}: {exc.strerror or exc}") from None
 

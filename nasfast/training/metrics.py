@@ -11,12 +11,13 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
-from nasfast.files import atomic_write_text
+from nasfast.files import atomic_savefig, atomic_write_text, writing
 
 
 def json_safe(obj: Any) -> Any:
@@ -74,13 +75,30 @@ class MetricsLog:
         atomic_write_text(self.path, b"".join(l + b"\n" for l in kept).decode("utf-8", "surrogateescape"))
 
     def write(self, record: dict) -> None:
-        self._fh.write(dumps(record) + "\n")
-        self._fh.flush()
+        with self._appending():
+            self._fh.write(dumps(record) + "\n")
+            self._fh.flush()
 
     def sync(self) -> None:
         """Make every line written so far durable (called before each checkpoint)."""
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        with self._appending():
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    @contextmanager
+    def _appending(self) -> Iterator[None]:
+        """A full disk is a StorageError naming metrics.jsonl. After a failed write the file is closed
+        at once: its buffer still holds the lost line, and a flush at exit would print a second error.
+        The torn line it may leave is dropped by the next resume."""
+        try:
+            with writing(self.path):
+                yield
+        except BaseException:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         self._fh.close()
@@ -166,7 +184,7 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
     """Write ``fig`` as a PNG and free it: every nasfast plot is saved through here."""
     plt = pyplot()
     try:
-        fig.savefig(path, dpi=dpi)
+        atomic_savefig(fig, path, dpi=dpi)  # a full disk leaves the previous plot, never a torn one
     finally:
         plt.close(fig)
 
