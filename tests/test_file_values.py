@@ -1,0 +1,83 @@
+"""Issue 29, class 3: values read from files are type-checked like config values.
+
+Every hostile value exits 2 with one line naming the file and the field (or row, or arch), or is
+dropped with a warning that says what and why; none gives a traceback or a silent wrong answer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runhelpers import assert_one_line, cli
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (real argument parsing and error handling, without a 4 s interpreter start)."""
+    from nasfast.cli.app import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# --- DeepSpeed JSON ---------------------------------------------------------------------------------
+DS_BAD = [
+    ('{"gradient_clipping": "abc"}', 'gradient_clipping must be a finite number >= 0 or "auto", got "abc"'),
+    ('{"gradient_clipping": NaN}', "gradient_clipping must be a finite number"),
+    ('{"zero_optimization": {"stage": "two"}}', 'zero_optimization.stage must be an integer 0-3, got "two"'),
+    ('{"zero_optimization": {"stage": true}}', "zero_optimization.stage must be an integer 0-3, got true"),
+    ('{"zero_optimization": {"stage": 2.0}}', "zero_optimization.stage must be an integer 0-3, got 2.0"),
+    ('{"zero_optimization": [2]}', "zero_optimization must be an object, got [2]"),
+    ('{"zero_optimization": {"stage": 2, "contiguous_gradients": "yes"}}',
+     'zero_optimization.contiguous_gradients must be true or false, got "yes"'),
+    ('{"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}}', "zero_optimization.reduce_bucket_size must be an integer >= 0"),
+    ('{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "big"}}', "zero_optimization.stage3_prefetch_bucket_size"),
+    ('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}', "zero_optimization.offload_optimizer.device"),
+    ('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": "no"}}}',
+     'zero_optimization.offload_optimizer.pin_memory must be true or false, got "no"'),
+    ('{"zero_optimization": {"stage": 2, "overlap_com": true}}', "zero_optimization.overlap_com is not a DeepSpeed setting"),
+    ('{"bf16": true}', "bf16 must be an object, got true"),
+    ('{"bf16": {"enabled": "yes"}}', 'bf16.enabled must be true or false or "auto", got "yes"'),
+    ('{"fp16": {"enabled": 1}}', "fp16.enabled must be true or false, got 1"),
+    ('{"train_micro_batch_size_per_gpu": 4.0}', 'train_micro_batch_size_per_gpu must be an integer >= 1 or "auto", got 4.0'),
+    ('{"gradient_accumulation_steps": "1"}', 'gradient_accumulation_steps must be an integer >= 1 or "auto", got "1"'),
+    ('{"steps_per_print": "10"}', 'steps_per_print must be an integer >= 1, got "10"'),
+    ('{"wall_clock_breakdown": "false"}', 'wall_clock_breakdown must be true or false, got "false"'),
+]
+
+
+@pytest.mark.parametrize("content,message", DS_BAD)
+def test_deepspeed_json_values_are_checked(tmp_path, micro_yaml, capsys, monkeypatch, content, message):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ds = tmp_path / "ds.json"
+    ds.write_text(content)
+    rc, _, err = _main(capsys, "pretrain", "--config", micro_yaml, "--out", tmp_path / "run", "--deepspeed", ds)
+    line = assert_one_line(err, message)
+    assert rc == 2 and str(ds) in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_json_accepts_what_deepspeed_accepts(tmp_path, micro_config, monkeypatch):
+    """The checks are not stricter than DeepSpeed where it is right: 5e8 sizes, nested offload, the shipped configs."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from nasfast.engines.deepspeed import load_ds_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8, "overlap_comm": False,
+                                                    "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+                              "bf16": {"enabled": False}, "gradient_clipping": 1}))
+    assert load_ds_config(str(ds), micro_config, 1)["zero_optimization"]["stage"] == 2
+    for shipped in sorted((Path(__file__).resolve().parents[1] / "configs" / "ds").glob("*.json")):
+        cfg = micro_config
+        cfg.train.bf16 = "bf16" in shipped.name
+        load_ds_config(str(shipped), cfg, 1)
+
+
+def test_deepspeed_bad_value_real_cli(tmp_path, micro_yaml):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_clipping": "abc", "zero_optimization": {"stage": 2}}')
+    res = cli("pretrain", "--config", micro_yaml, "--out", tmp_path / "run", "--deepspeed", ds, env={"DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 2
+    assert_one_line(res.stderr, f'nasfast pretrain: error: {ds}: gradient_clipping must be a finite number >= 0 or "auto", got "abc"')
