@@ -81,3 +81,64 @@ def test_deepspeed_bad_value_real_cli(tmp_path, micro_yaml):
     res = cli("pretrain", "--config", micro_yaml, "--out", tmp_path / "run", "--deepspeed", ds, env={"DS_ACCELERATOR": "cpu"})
     assert res.returncode == 2
     assert_one_line(res.stderr, f'nasfast pretrain: error: {ds}: gradient_clipping must be a finite number >= 0 or "auto", got "abc"')
+
+
+# --- corpus text columns ------------------------------------------------------------------------------
+def _lines(n: int = 400) -> list[str]:
+    """Real text for a corpus big enough for the micro config's blocks."""
+    import gzip
+    from importlib import resources
+
+    with gzip.open(resources.files("nasfast") / "corpus" / "austen.txt.gz", "rt", encoding="utf-8") as fh:
+        return [l.strip() for l, _ in zip(fh, range(4 * n)) if l.strip()][:n]
+
+
+def _prepare(capsys, micro_yaml, corpus: Path, out: Path) -> tuple[int, str, str]:
+    return _main(capsys, "prepare-data", "--config", micro_yaml, "--set", f"data.corpus=[{corpus}]", "--out", out, "--no-progress")
+
+
+@pytest.mark.parametrize("bad,shown", [(42, "'42' (a number)"), (["a", "b"], "(a list)"), ({"t": "x"}, "(an object)"),
+                                       (True, "(a boolean)")])
+def test_jsonl_text_field_that_is_not_text_is_refused(tmp_path, micro_yaml, capsys, bad, shown):
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"text": l} for l in _lines(50)]
+    rows[2]["text"] = bad
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = _prepare(capsys, micro_yaml, corpus, tmp_path / "prep")
+    line = assert_one_line(err, f"{corpus} line 3: 'text' must be text, got")
+    assert rc == 2 and shown in line, line
+    assert not (tmp_path / "prep").exists()
+
+
+def test_parquet_numeric_text_column_is_refused_real_cli(tmp_path, micro_yaml):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": list(range(100)), "other": ["x"] * 100}), corpus)
+    res = cli("prepare-data", "--config", micro_yaml, "--set", f"data.corpus=[{corpus}]", "--out", tmp_path / "prep", "--no-progress")
+    assert res.returncode == 2
+    assert_one_line(res.stderr, f"{corpus}: column 'text' holds int64, not text; set data.text_column")
+
+
+def test_saved_dataset_list_column_is_refused(tmp_path, micro_yaml, capsys):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": [["a", "b"]] * 20}).save_to_disk(str(folder))
+    rc, _, err = _prepare(capsys, micro_yaml, folder, tmp_path / "prep")
+    assert rc == 2
+    assert_one_line(err, f"{folder}: column 'text' holds list<item: string>, not text")
+
+
+def test_a_few_null_texts_are_dropped_with_a_count(tmp_path, micro_yaml, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = _lines(400)
+    texts[5] = texts[77] = None
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": texts}), corpus)
+    rc, out, err = _prepare(capsys, micro_yaml, corpus, tmp_path / "prep")
+    assert rc == 0, err
+    assert_one_line(err, f"corpus file {corpus}: skipped 2 row(s) whose 'text' is null")
