@@ -142,3 +142,64 @@ def test_a_few_null_texts_are_dropped_with_a_count(tmp_path, micro_yaml, capsys)
     rc, out, err = _prepare(capsys, micro_yaml, corpus, tmp_path / "prep")
     assert rc == 0, err
     assert_one_line(err, f"corpus file {corpus}: skipped 2 row(s) whose 'text' is null")
+
+
+# --- rank: estimates and ground truth ---------------------------------------------------------------
+ARCHS = [f"mha:2|ffn:40|{op}" for op in ("mha:2", "mha:3", "ffn:40", "conv:3", "conv:5")]
+
+
+def _results(tmp_path: Path, name: str, losses: list, accuracy=0.5, raw: dict | None = None) -> Path:
+    rows = [{"arch": a, "loss": l, "accuracy": accuracy} for a, l in zip(ARCHS, losses)]
+    for i, change in (raw or {}).items():
+        rows[i].update(change)
+        rows[i] = {k: v for k, v in rows[i].items() if v is not ...}
+    path = tmp_path / name
+    path.write_text(json.dumps({"results": rows}))  # NaN / Infinity as Python's json writes them (evaluate does)
+    return path
+
+
+def test_rank_leaves_out_a_nan_estimate_with_a_warning_real_cli(tmp_path):
+    est = _results(tmp_path, "estimates.json", [1.0, float("nan"), 3.0, 4.0, 5.0])
+    truth = _results(tmp_path, "truth.json", [1.1, 2.1, 3.1, 4.1, 5.1])
+    res = cli("rank", "--estimates", est, "--truth", truth)
+    assert res.returncode == 0, res.stderr
+    assert_one_line(res.stderr, f"{est}: left out 1 child(ren) whose loss is not a finite number (NaN or inf: "
+                                f"diverged or not scored): {ARCHS[1]}")
+    assert "n = 4 children" in res.stdout and "n/a" not in res.stdout
+    assert len(json.loads((tmp_path / "rank.json").read_text())["children"]) == 4
+
+
+def test_rank_refuses_when_too_few_finite_scores_remain(tmp_path, capsys):
+    est = _results(tmp_path, "estimates.json", [1.0, float("nan"), float("inf"), 4.0, 5.0])
+    truth = _results(tmp_path, "truth.json", [1.1, 2.1, 3.1, float("-inf"), 5.1])
+    rc, _, err = _main(capsys, "rank", "--estimates", est, "--truth", truth)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 3 and "Traceback" not in err, err  # two warnings (what was left out), one error
+    assert "left out 2 child(ren)" in lines[0] and "left out 1 child(ren)" in lines[1]
+    assert "error: only 2 children with a finite loss" in lines[2] and "after leaving out 3 non-finite" in lines[2]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"loss": "abc"}, 'result 2 (mha:2|ffn:40|ffn:40): loss must be a number, got "abc"'),
+    ({"loss": None}, "result 2 (mha:2|ffn:40|ffn:40): loss must be a number, got null"),
+    ({"loss": True}, "result 2 (mha:2|ffn:40|ffn:40): loss must be a number, got true"),
+    ({"accuracy": ...}, "result 2 (mha:2|ffn:40|ffn:40): accuracy must be a number, got null"),
+    ({"accuracy": 1.5}, "result 2 (mha:2|ffn:40|ffn:40): accuracy must be a number in [0, 1], got 1.5"),
+    ({"loss": -0.5}, "result 2 (mha:2|ffn:40|ffn:40): loss must be a number in [0, inf], got -0.5"),
+    ({"arch": 7}, "result 2: arch must be an arch string, got 7"),
+    ({"arch": ARCHS[0], "loss": 9.0}, f"result 2 ({ARCHS[0]}) is listed twice with different scores"),
+])
+def test_rank_refuses_a_malformed_ground_truth_value(tmp_path, capsys, change, message):
+    est = _results(tmp_path, "estimates.json", [1.0, 2.0, 3.0, 4.0, 5.0])
+    truth = _results(tmp_path, "truth.json", [1.1, 2.1, 3.1, 4.1, 5.1], raw={2: change})
+    rc, _, err = _main(capsys, "rank", "--estimates", est, "--truth", truth)
+    assert rc == 2
+    assert_one_line(err, f"error: {truth}: {message}")
+
+
+def test_rank_says_why_a_correlation_is_na(tmp_path, capsys):
+    est = _results(tmp_path, "estimates.json", [2.0] * 5)
+    truth = _results(tmp_path, "truth.json", [1.1, 2.1, 3.1, 4.1, 5.1])
+    rc, out, _ = _main(capsys, "rank", "--estimates", est, "--truth", truth)
+    assert rc == 0 and "Kendall tau  = n/a" in out
+    assert "n/a: every estimate loss is the same (2): a rank correlation is undefined" in out
