@@ -99,3 +99,20 @@ def load_json(path: str | Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+
+
+def load_cache_entry(path: str | Path) -> dict:
+    """One cache entry (a JSON object nasfast wrote); damaged or hand-edited, it is refused with the cure."""
+    path = Path(path)
+    try:
+        record = load_json(path, "cache entry")
+        return mapping(path, "the entry", record)
+    except UserError as exc:
+        raise UserError(f"{exc}; remove it (it is recomputed) or use another --out") from None
+
+
+def scores(path: str | Path, record: dict, keys: tuple[str, ...], prefix: str = "") -> None:
+    """Each of ``keys`` is a number (NaN included: a diverged or unscorable child is recorded as such)."""
+    for key in keys:
+        if key not in record or not is_number(record[key]):
+            fail(path, f"{prefix}{key}", "a number", record.get(key))

@@ -6,6 +6,8 @@ dropped with a warning that says what and why; none gives a traceback or a silen
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,54 @@ def test_rank_says_why_a_correlation_is_na(tmp_path, capsys):
     rc, out, _ = _main(capsys, "rank", "--estimates", est, "--truth", truth)
     assert rc == 0 and "Kendall tau  = n/a" in out
     assert "n/a: every estimate loss is the same (2): a rank correlation is undefined" in out
+
+
+# --- cache entries (ground truth, search) ------------------------------------------------------------
+def test_search_cache_entry_with_a_bad_score_is_refused(tmp_path):
+    from nasfast.errors import UserError
+    from nasfast.nas.search import ScoreCache
+
+    cache = ScoreCache(tmp_path / "cache", {"p": 1})
+    cache.put("a|b", {"score": 1.0, "loss": 1.0, "accuracy": 0.5})
+    assert cache.get("a|b")["score"] == 1.0
+    path = cache.path("a|b")
+    record = json.loads(path.read_text())
+    for scores, message in (({"score": "1.0"}, 'scores.score must be a number, got "1.0"'),
+                            ({"score": 1.0, "accuracy": None}, "scores.accuracy must be a number, got null"),
+                            ("oops", 'scores must be an object, got "oops"')):
+        path.write_text(json.dumps({**record, "scores": scores}))
+        with pytest.raises(UserError, match=f"^{re.escape(f'{path}: {message}')}$"):
+            cache.get("a|b")
+    path.write_text('{"arch": "a|b", "prot')
+    with pytest.raises(UserError, match=r"is not valid JSON .*; remove it \(it is recomputed\)"):
+        cache.get("a|b")
+
+
+@pytest.fixture(scope="module")
+def gt_run(tmp_path_factory):
+    """A trained micro run, an arch list and its ground truth (2 steps per child)."""
+    from conftest import MICRO_OVERRIDES
+    from nasfast.config import load_config
+    from nasfast.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("gt")
+    cfg = load_config(None, MICRO_OVERRIDES + ["train.steps=2", "train.eval_every=2", "train.ckpt_every=2"])
+    Trainer(cfg, root / "run", progress=False).train()
+    (root / "archs.txt").write_text("mha:2|ffn:40|identity\nconv:3|mha:3|ffn:40\n")
+    res = cli("ground-truth", "--run", root / "run", "--archs", root / "archs.txt", "--steps", "1", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.mark.parametrize("change,message", [({"loss": "low"}, 'loss must be a number, got "low"'),
+                                            ({"params": "1M"}, 'params must be an integer >= 0, got "1M"'),
+                                            ({"diverged": "no"}, 'diverged must be true or false, got "no"')])
+def test_ground_truth_cache_entry_values_are_checked_real_cli(gt_run, tmp_path, change, message):
+    out = tmp_path / "gt"
+    shutil.copytree(gt_run / "run" / "ground_truth", out)
+    entry = sorted((out / "cache").glob("*.json"))[0]
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), **change}))
+    res = cli("ground-truth", "--run", gt_run / "run", "--archs", gt_run / "archs.txt", "--steps", "1", "--out", out,
+              "--no-progress")
+    assert res.returncode == 2
+    assert_one_line(res.stderr, f"{entry}: {message}")
