@@ -130,3 +130,15 @@ def test_prepare_that_loses_the_race_reports_the_hash_of_the_data_there(tmp_path
     printed = capsys.readouterr().out
     assert code == 0 and f"(hash {winner[:12]})" in printed, printed
     assert not list(tmp_path.glob(".prep.tmp-*"))  # the loser's copy is gone
+
+
+def test_resume_with_a_bad_value_in_the_saved_config_names_the_file(tmp_path, micro_yaml, capsys):
+    from nasfast.cli.app import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--no-progress", "--config", str(micro_yaml), "--out", str(out), "--stop-after", "2"]) == 0
+    saved = out / "config.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.001", "lr: fast"))
+    capsys.readouterr()
+    assert main(["pretrain", "--no-progress", "--out", str(out), "--resume"]) == 2
+    assert_one_line(capsys.readouterr().err, f"error: {saved}: config key 'train.lr' must be a number, got 'fast'")

@@ -85,7 +85,10 @@ def resume_config(out: Path, config_file: Optional[str], overrides: list[str]) -
                         "start it again without --resume")
     if not saved_path.is_file():
         raise UserError(f"--resume: {saved_path} not found")
-    saved = load_run_config(saved_path)
+    try:
+        saved = load_run_config(saved_path)
+    except UserError as exc:  # a hand-edited or damaged saved config: say which file the value is in
+        raise UserError(f"{saved_path}: {exc}" if str(saved_path) not in str(exc) else str(exc)) from None
     cfg = load_run_config(config_file if config_file else saved_path, overrides)
     check_resume_changes(saved.to_dict(), cfg, str(saved_path))
     return cfg
