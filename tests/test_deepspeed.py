@@ -303,7 +303,7 @@ def test_deepspeed_launcher_resume_is_exact(tmp_path, micro_yaml):
 @pytest.mark.parametrize("content,message", [
     (None, "DeepSpeed config not found"),
     ("{not json", "is not valid JSON"),
-    ('{"zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3"),
+    ('{"zero_optimization": {"stage": 7}}', "zero_optimization.stage must be an integer 0-3, got 7"),
     ('{"train_micro_batch_size_per_gpu": 5}', "does not match train.batch_size=4"),
     ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
     ('{"gradient_clipping": 0.5}', "gradient_clipping=0.5 but train.clip_norm=1.0"),

@@ -108,7 +108,9 @@ def train_child(run: Run, arch: Arch, steps: int, dev: list[dict]) -> dict:
 def _pin_protocol(out: Path, proto: dict) -> str:
     path = out / "protocol.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        from nasfast.filevalues import load_json
+
+        saved = load_json(path, "ground-truth protocol")
         if saved != proto:
             changed = sorted(k for k in set(saved) | set(proto) if saved.get(k) != proto.get(k))
             raise UserError(f"{out} holds ground truth for a different protocol (differs in: {', '.join(changed)}); use another --out")
@@ -121,9 +123,14 @@ def read_cached(out: Path, arch_id: str, key: str) -> Optional[dict]:
     path = cache_path(out, arch_id)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    from nasfast import filevalues as fv
+
+    record = fv.load_cache_entry(path)
     if record.get("arch") != arch_id or record.get("protocol") != key:
         raise UserError(f"cache entry {path} is for another arch or protocol; remove it or use another --out")
+    fv.scores(path, record, ("loss", "accuracy"))  # NaN is kept: a diverged child is recorded as one
+    fv.boolean(path, "diverged", record.get("diverged"))
+    fv.integer(path, "params", record.get("params"), lo=0)
     return record
 
 

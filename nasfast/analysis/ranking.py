@@ -10,9 +10,9 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-from nasfast.errors import UserError
+from nasfast.errors import UserError, warn
 
 METRICS = ("loss", "accuracy")
 MIN_CHILDREN = 3
@@ -55,40 +55,78 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def load_results(path: str | Path) -> dict:
+    """A results file, every value checked like a config value (one UserError line naming the file and the
+    result); a NaN or infinite score is kept here and left out, with a warning, by ``rank_correlation``."""
+    from nasfast.filevalues import load_json
+
     path = Path(path)
     if path.is_dir() and (path / "ground_truth.json").is_file():
         path = path / "ground_truth.json"
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
-    from nasfast.files import read_text
-
-    try:
-        data = json.loads(read_text(path, "results file"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON (line {exc.lineno})") from None
+    data = load_json(path, "results file")
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise UserError(f"{path} has no 'results' list (expected output of nasfast evaluate or ground-truth)")
+    seen: dict[str, dict] = {}
     for i, r in enumerate(data["results"]):
-        if not isinstance(r, dict) or not isinstance(r.get("arch"), str) or not all(isinstance(r.get(m), (int, float)) for m in METRICS):
-            raise UserError(f"{path}: result {i} needs 'arch' (an arch string), 'loss' and 'accuracy' (numbers)")
+        _check_result(path, i, r)
+        if r["arch"] in seen and any(_differ(seen[r["arch"]][m], r[m]) for m in METRICS):
+            raise UserError(f"{path}: result {i} ({r['arch']}) is listed twice with different scores")
+        seen[r["arch"]] = r
+    data["file"] = str(path)
     return data
 
 
+def _differ(a: float, b: float) -> bool:
+    return not (a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def _check_result(path: Path, i: int, r: object) -> None:
+    """One result: an arch string, a loss >= 0 and an accuracy in [0, 1] (or NaN / inf: left out later)."""
+    from nasfast.filevalues import fail, is_number
+
+    if not isinstance(r, dict):
+        fail(path, f"result {i}", "an object with 'arch', 'loss' and 'accuracy'", r)
+    if not isinstance(r.get("arch"), str) or not r["arch"].strip():
+        fail(path, f"result {i}: arch", "an arch string", r.get("arch"))
+    where = f"result {i} ({r['arch']})"
+    for metric, lo, hi in (("loss", 0.0, math.inf), ("accuracy", 0.0, 1.0)):
+        value = r.get(metric)
+        if metric not in r or not is_number(value):
+            fail(path, f"{where}: {metric}", "a number", value)
+        if math.isfinite(value) and not lo <= value <= hi:
+            fail(path, f"{where}: {metric}", f"a number in [{lo:g}, {hi:g}]", value)
+
+
+def _finite(results: dict, metric: str) -> dict[str, dict]:
+    """The results by arch whose ``metric`` is finite; says which ones were left out and why."""
+    kept = {r["arch"]: r for r in results["results"] if math.isfinite(r[metric])}
+    dropped = [r["arch"] for r in results["results"] if not math.isfinite(r[metric])]
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        warn(f"{results.get('file', 'results')}: left out {len(dropped)} child(ren) whose {metric} is not a finite "
+             f"number (NaN or inf: diverged or not scored): {shown}")
+    return kept
+
+
 def rank_correlation(estimates: dict, truth: dict, metric: str = "loss") -> dict:
-    """Match children by arch id and correlate the estimated and true ``metric``."""
+    """Match children by arch id and correlate the estimated and true ``metric`` (non-finite scores left out)."""
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
-    est = {r["arch"]: r for r in estimates["results"]}
-    true = {r["arch"]: r for r in truth["results"]}
+    est, true = _finite(estimates, metric), _finite(truth, metric)
     common = [a for a in est if a in true]
     if len(common) < MIN_CHILDREN:
-        raise UserError(f"only {len(common)} children are in both the estimates and the ground truth (need >= {MIN_CHILDREN})")
+        left_out = len(estimates["results"]) - len(est) + len(truth["results"]) - len(true)
+        why = f" after leaving out {left_out} non-finite score(s)" if left_out else ""
+        raise UserError(f"only {len(common)} children with a finite {metric} are in both the estimates and the ground "
+                        f"truth{why} (need >= {MIN_CHILDREN} for a rank correlation)")
     x = [est[a][metric] for a in common]
     y = [true[a][metric] for a in common]
     return {
         "metric": metric,
         "kendall": kendall(x, y),
         "spearman": spearman(x, y),
+        "undefined": _undefined(x, y, metric),
         "children": [{"arch": a, "estimate": est[a][metric], "truth": true[a][metric]} for a in common],
         "only_in_estimates": [a for a in est if a not in true],
         "only_in_truth": [a for a in true if a not in est],
@@ -112,6 +150,14 @@ def replicate_ceiling(truths: Sequence[dict], metric: str = "loss") -> dict:
                 pairs.append(kendall([a[c] for c in common], [b[c] for c in common]))
     taus = [p["tau"] for p in pairs if p["tau"] is not None]
     return {"tau": sum(taus) / len(taus) if taus else None, "pairs": pairs}
+
+
+def _undefined(x: Sequence[float], y: Sequence[float], metric: str) -> Optional[str]:
+    """Why τ and ρ are undefined (printed beside the 'n/a'), or None."""
+    for values, what in ((x, "estimate"), (y, "ground-truth")):
+        if _constant(values):
+            return f"every {what} {metric} is the same ({values[0]:g}): a rank correlation is undefined"
+    return None
 
 
 def check_same_dev(result: dict) -> None:

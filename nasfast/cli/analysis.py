@@ -167,6 +167,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     print(f"Spearman rho = {fmt(s['rho'], '+.3f')}  p = {fmt(s['p'], '.3g')}")
     if replicates:
         print(f"replicate ceiling (Kendall tau between ground-truth seeds) = {fmt(ceiling, '+.3f')}")
+    if res["undefined"]:  # the reason for an n/a above
+        print(f"  n/a: {res['undefined']}")
     print(f"n = {k['n']} children matched by arch id ({len(res['only_in_estimates'])} only in estimates, "
           f"{len(res['only_in_truth'])} only in truth) -> {out / 'rank.json'}, rank_scatter.png")
     return 0

@@ -182,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tune_malloc()  # large CPU tensors reused from the heap, not page-faulted in per allocation
     try:
         parser = build_parser()
-        args = parser.parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))
+        args = _parse_args(parser, _without_local_rank(sys.argv[1:] if argv is None else argv))
         if args.command is None:
             parser.print_help()
             return 2
@@ -206,6 +206,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         _error(argv, f"internal error ({type(exc).__name__}): this is a bug in nasfast, not in your input; "
                      f"please report it with the traceback above to {BUG_REPORT}")
         return 1
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but an unknown argument of a subcommand is reported with that subcommand's usage:
+    argparse's top-level parser would print ``usage: nasfast [-h] COMMAND ...``, which says nothing about
+    the flags the command takes (missing or bad values are already reported by the subcommand's parser)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        chosen = sub.choices.get(args.command) if args.command else None
+        (chosen or parser).error(f"unrecognized arguments: {' '.join(extra)}")  # exits 2
+    return args
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:

@@ -321,6 +321,7 @@ def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = Fals
             if not _check_out(out, key):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+            stats = stats_of(out)  # what is there now (the winner's copy), not the discarded one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

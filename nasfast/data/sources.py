@@ -133,6 +133,7 @@ def _txt_units(path: Path, budget: float) -> Iterator[str]:
 
 
 def _jsonl_units(path: Path, column: str) -> Iterator[str]:
+    nulls = 0
     try:
         with _open_text(path) as fh:
             for number, line in enumerate(fh, 1):
@@ -146,10 +147,18 @@ def _jsonl_units(path: Path, column: str) -> Iterator[str]:
                     keys = ", ".join(list(record)[:5]) if isinstance(record, dict) else type(record).__name__
                     raise UserError(f"{path} line {number} has no field {column!r} (it has: {keys}); set data.text_column")
                 text = record[column]
-                if text is not None and str(text).strip():
-                    yield str(text).strip()
+                if text is None:
+                    nulls += 1
+                    continue
+                _check_text(path, column, f"line {number}", text)
+                if text.strip():
+                    yield text.strip()
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"cannot read corpus file {path}: {exc}") from None
+    except GeneratorExit:  # a capped read stops early: still say what it skipped
+        _warn_nulls(path, column, nulls)
+        raise
+    _warn_nulls(path, column, nulls)
 
 
 def _parquet_units(path: Path, column: str) -> Iterator[str]:
@@ -161,10 +170,9 @@ def _parquet_units(path: Path, column: str) -> Iterator[str]:
         raise UserError(f"cannot read parquet file {path} ({type(exc).__name__}: {str(exc)[:80]})") from None
     if column not in pf.schema_arrow.names:
         raise UserError(f"{path} has no column {column!r} (it has: {', '.join(pf.schema_arrow.names[:5])}); set data.text_column")
-    for batch in pf.iter_batches(batch_size=_RECORD_BATCH, columns=[column]):
-        for text in batch.column(0).to_pylist():
-            if text is not None and str(text).strip():
-                yield str(text).strip()
+    _check_arrow_type(path, column, pf.schema_arrow.field(column).type)
+    yield from _text_values(path, column, (batch.column(0).to_pylist()
+                                           for batch in pf.iter_batches(batch_size=_RECORD_BATCH, columns=[column])))
 
 
 def _saved_units(path: Path, column: str) -> Iterator[str]:
@@ -181,10 +189,56 @@ def _saved_units(path: Path, column: str) -> Iterator[str]:
     if column not in ds.column_names:
         raise UserError(f"the saved dataset {path} has no column {column!r} (it has: {', '.join(ds.column_names[:5])}); "
                         "set data.text_column")
-    for batch in ds.select_columns([column]).iter(batch_size=_RECORD_BATCH):
-        for text in batch[column]:
-            if text is not None and str(text).strip():
-                yield str(text).strip()
+    _check_arrow_type(path, column, ds.data.schema.field(column).type)
+    yield from _text_values(path, column, (batch[column] for batch in ds.select_columns([column]).iter(batch_size=_RECORD_BATCH)))
+
+
+# --- the text column: text, or a few nulls (skipped, counted); anything else is refused ------------
+_warned_nulls: set = set()
+
+
+def _describe(value: object) -> str:
+    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return f"{str(value)[:40]!r} ({kind})" if not isinstance(value, str) else repr(value[:40])
+
+
+def _check_text(path: Path, column: str, where: str, value: object) -> None:
+    """A text unit must be a string: a number or list would be tokenized as its digits or its repr."""
+    if not isinstance(value, str):
+        raise UserError(f"{path} {where}: {column!r} must be text, got {_describe(value)}; "
+                        "set data.text_column to the text field, or fix the file")
+
+
+def _check_arrow_type(path: Path, column: str, kind) -> None:
+    """A parquet / saved-dataset column must be typed as text (an all-null column reads as null)."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text; set data.text_column to the text column")
+
+
+def _warn_nulls(path: Path, column: str, nulls: int) -> None:
+    """Say (once per file) how many null texts were skipped: they are dropped, not tokenized as 'None'."""
+    if nulls and (path, column, nulls) not in _warned_nulls:
+        _warned_nulls.add((path, column, nulls))
+        warn(f"corpus file {path}: skipped {nulls} row(s) whose {column!r} is null")
+
+
+def _text_values(path: Path, column: str, batches: Iterator[list]) -> Iterator[str]:
+    """The stripped non-empty texts of a typed text column, nulls skipped and counted."""
+    nulls = 0
+    try:
+        for batch in batches:
+            for text in batch:
+                if text is None:
+                    nulls += 1
+                elif text.strip():
+                    yield text.strip()
+    except GeneratorExit:
+        _warn_nulls(path, column, nulls)
+        raise
+    _warn_nulls(path, column, nulls)
 
 
 def iter_source(source: Source, text_column: str, max_chars: Optional[float] = None) -> Iterator[str]:

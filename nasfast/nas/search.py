@@ -200,11 +200,15 @@ class ScoreCache:
         path = self.path(arch_id)
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
+        from nasfast import filevalues as fv
+
+        record = fv.load_cache_entry(path)
         if record.get("arch") != arch_id:
             raise UserError(f"cache entry {path} is for another child; remove it")
         if record.get("protocol") != self.key:
             raise UserError(f"cache {self.folder} holds scores of another checkpoint or dev set; use another --out")
+        scores = fv.mapping(path, "scores", record.get("scores"))
+        fv.scores(path, scores, ("score", *(k for k in ("loss", "accuracy") if k in scores)), prefix="scores.")
         return record["scores"]
 
     def put(self, arch_id: str, scores: dict) -> None:

@@ -80,14 +80,45 @@ def resume_config(out: Path, config_file: Optional[str], overrides: list[str]) -
     if not out.is_dir():
         raise UserError(f"--resume: {out} is not a run folder (no {saved_path.name})")
     if not (out / CHECKPOINT).is_file():
+        check_not_in_use(out)  # a running first start has no checkpoint yet: say who holds the folder, not "stopped"
         raise UserError(f"--resume: no checkpoint at {out / CHECKPOINT}: the run stopped before its first checkpoint; "
                         "start it again without --resume")
     if not saved_path.is_file():
         raise UserError(f"--resume: {saved_path} not found")
-    saved = load_run_config(saved_path)
+    try:
+        saved = load_run_config(saved_path)
+    except UserError as exc:  # a hand-edited or damaged saved config: say which file the value is in
+        raise UserError(f"{saved_path}: {exc}" if str(saved_path) not in str(exc) else str(exc)) from None
     cfg = load_run_config(config_file if config_file else saved_path, overrides)
     check_resume_changes(saved.to_dict(), cfg, str(saved_path))
     return cfg
+
+
+def lock_holder(folder: Path) -> Optional[str]:
+    """Who holds ``folder``'s lock ("pid N on HOST, started ..."), or None when nobody does; takes nothing."""
+    path = Path(folder) / LOCK
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        with open(path) as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file closes
+            except OSError:
+                return fh.read().strip() or "holder unknown"
+    except OSError:
+        return None
+    return None
+
+
+def in_use_message(folder: Path, holder: str) -> str:
+    return f"{folder} is in use by another nasfast process ({holder}); wait for it to end or choose another --out"
+
+
+def check_not_in_use(folder: Path) -> None:
+    """The one message for a folder another process is writing (the same as a fresh start's)."""
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise UserError(in_use_message(folder, holder))
 
 
 class RunFolder:
@@ -104,6 +135,7 @@ class RunFolder:
     def open(self, resume: bool) -> None:
         """Check the path, take the lock (writer), and check that a checkpoint exists iff ``resume``."""
         if resume and not self.checkpoint.is_file():  # before creating anything
+            check_not_in_use(self.path)
             raise UserError(f"--resume: no checkpoint at {self.checkpoint}")
         if self.writer:
             check_output_dir(self.path, "--out")
@@ -132,8 +164,7 @@ class RunFolder:
             fh.seek(0)
             holder = fh.read().strip() or "holder unknown"
             fh.close()
-            raise UserError(f"{self.path} is in use by another nasfast process ({holder}); wait for it to end or "
-                            "choose another --out") from None
+            raise UserError(in_use_message(self.path, holder)) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
         fh.seek(0)
         fh.truncate()

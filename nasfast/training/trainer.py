@@ -242,13 +242,19 @@ class Trainer:
     def _check_finite(self, record: dict) -> None:
         for key in ("loss", "grad_norm"):
             if not math.isfinite(record[key]):
-                raise Diverged(f"non-finite {key.replace('_', ' ')} at step {self.step}, {self._last_good()}; "
-                               "lower train.lr or set train.clip_norm, then --resume")
+                raise Diverged(f"non-finite {key.replace('_', ' ')} at step {self.step}, {self._last_good()}; {self._recovery()}")
 
     def _last_good(self) -> str:
         if self.checkpointer.last_step is None:
             return "no checkpoint was written"
         return f"last good checkpoint is step {self.checkpointer.last_step} ({self.checkpointer.path})"
+
+    def _recovery(self) -> str:
+        """What to do after a divergence: --resume only when there is a checkpoint to resume from."""
+        if self.checkpointer.last_step is None:
+            return ("nothing to resume: start the run again without --resume (same --out) with a lower train.lr "
+                    "or train.clip_norm set")
+        return "lower train.lr or set train.clip_norm, then --resume"
 
     def save_checkpoint(self, log: Optional[TrainLogger] = None) -> None:
         if log is not None:
@@ -263,7 +269,7 @@ class Trainer:
                 barrier(self.world)
             self.checkpointer.save(self.step, meta)
         except NonFiniteState as exc:
-            raise Diverged(f"{exc}; lower train.lr or set train.clip_norm, then --resume") from None
+            raise Diverged(f"{exc}; {self._recovery()}") from None
         barrier(self.world)
         self.engine.after_save(meta)
 
