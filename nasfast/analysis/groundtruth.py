@@ -55,7 +55,7 @@ def protocol(run: Run, steps: int, dev: list[dict]) -> dict:
 
     train = {k: v for k, v in asdict(run.cfg.train).items() if k not in NOT_PROTOCOL}
     train["steps"] = steps
-    train["warmup_steps"] = warmup_steps(run.cfg.train, steps)  # what the child trains with
+    train["warmup_steps"] = warmup_steps(run.cfg.train, steps, notice=False)  # what the child trains with
     return {
         "version": PROTOCOL_VERSION,
         "model": asdict(run.cfg.model),

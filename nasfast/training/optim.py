@@ -57,9 +57,10 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 _warmup_noticed: set[tuple[int, int]] = set()
 
 
-def warmup_steps(t: TrainConfig, steps: int | None = None) -> int:
+def warmup_steps(t: TrainConfig, steps: int | None = None, notice: bool = True) -> int:
     """The warm-up a run of ``steps`` (default ``train.steps``) uses: ``train.warmup_steps``, or, when
-    that is longer than the whole run, a tenth of the run, said once in one line.
+    that is longer than the whole run, a tenth of the run, said once in one line (when training starts:
+    ``notice=False`` for bookkeeping such as ground truth's protocol key).
 
     One rule for the supernet trainer (every engine) and ground truth's standalone children, so
     ``--set train.steps=10`` or ``ground-truth --steps 10`` run with the default warm-up instead of
@@ -68,7 +69,7 @@ def warmup_steps(t: TrainConfig, steps: int | None = None) -> int:
     if t.warmup_steps <= steps:
         return t.warmup_steps
     clipped = steps // 10
-    if (t.warmup_steps, steps) not in _warmup_noticed and os.environ.get("RANK", "0") == "0":
+    if notice and (t.warmup_steps, steps) not in _warmup_noticed and os.environ.get("RANK", "0") == "0":
         _warmup_noticed.add((t.warmup_steps, steps))
         warn(f"train.warmup_steps={t.warmup_steps} is more than the {steps} training steps; "
              f"warming up for {clipped} steps (a tenth of the run)")
