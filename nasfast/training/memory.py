@@ -20,8 +20,9 @@ Close rather than conservative: a user who has the memory is never refused.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -76,32 +77,50 @@ def candidate_activation_bytes(cand: Candidate, hidden: int, seq_len: int, fused
     return 26 * H
 
 
-def step_memory(cfg: Config, space: SearchSpace, vocab_size: int, fused_attention: bool, aligns: bool) -> StepMemory:
-    """The step's memory (see the module docstring) for micro-batches of ``train.batch_size`` sequences."""
+def step_memory(cfg: Config, space: SearchSpace, vocab_size: int, fused_attention: bool, aligns: bool,
+                arch: Optional[Sequence[int]] = None) -> StepMemory:
+    """The step's memory (see the module docstring) for micro-batches of ``train.batch_size`` sequences:
+    of the supernet training its worst child, or (``arch``) of that child trained as a static model."""
     H, T, B, L = space.hidden, cfg.data.block_size, cfg.train.batch_size, space.num_layers
     tokens = B * T
     masked = cfg.data.mlm_probability * tokens
     shared = child_num_params(space, (), vocab_size, cfg.model.max_len)  # embeddings + head
     per_layer = [c.num_params(H) for c in space.candidates]
-    supernet = shared + L * sum(per_layer)
-    # the child keeping the most: every layer the candidate with the most activations + gradients
-    cost = [candidate_activation_bytes(c, H, T, fused_attention) * tokens + FP32 * p
-            for c, p in zip(space.candidates, per_layer)]
-    worst = max(range(len(cost)), key=cost.__getitem__)
-    layers = L * candidate_activation_bytes(space.candidates[worst], H, T, fused_attention) * tokens
+    act = [candidate_activation_bytes(c, H, T, fused_attention) * tokens for c in space.candidates]
+    if arch is None:  # per layer the candidate keeping the most (activations + gradients): O(candidates)
+        worst = max(range(len(act)), key=lambda i: act[i] + FP32 * per_layer[i])
+        counts = {worst: L}
+        held = shared + L * sum(per_layer)
+    else:
+        counts = collections.Counter(arch)
+        held = shared + sum(n * per_layer[c] for c, n in counts.items())
+    child = shared + sum(n * per_layer[c] for c, n in counts.items())
+    layers = sum(n * act[c] for c, n in counts.items())
     embed = (9 * H + 24) * tokens  # sum, norm, dropout mask, ids, labels
     head = masked * (9 * H + 20 * vocab_size)  # dense, GELU, norm; logits, softmax and their gradients
-    activations = layers + embed + head
-    if cfg.train.bf16:
-        activations *= BF16_ACTIVATION_SHARE
+    activations = (layers + embed + head) * (BF16_ACTIVATION_SHARE if cfg.train.bf16 else 1.0)
     anchor = FP32 * L * tokens * H if aligns else 0  # the anchor's hidden states (alignment targets)
-    return StepMemory(
-        weights=FP32 * supernet,
-        optimizer=ADAM_STATES * FP32 * supernet,
-        gradients=FP32 * (shared + L * per_layer[worst]),
-        activations=int(activations),
-        anchor=int(anchor),
-    )
+    return StepMemory(weights=FP32 * held, optimizer=ADAM_STATES * FP32 * held, gradients=FP32 * child,
+                      activations=int(activations), anchor=int(anchor))
+
+
+def fused_attention(backend: str, device: torch.device) -> bool:
+    """Whether ``kernels.backend`` on ``device`` runs a flash-style attention (no [T, T] scores kept);
+    decided from the names alone, without building (or compiling) the backend."""
+    from nasfast.kernels.registry import AUTO, AUTO_PREFERENCE
+
+    if backend == AUTO:
+        backend = AUTO_PREFERENCE.get(torch.device(device).type, "eager")
+    return backend != "eager"
+
+
+def check_step_fits(cfg: Config, space: SearchSpace, vocab_size: int, device: torch.device, what: str,
+                    aligns: bool = False, arch: Optional[Sequence[int]] = None) -> StepMemory:
+    """``step_memory`` of this config, refused with one line when it cannot fit on ``device``."""
+    need = step_memory(cfg, space, vocab_size, fused_attention(cfg.kernels.backend, device), aligns, arch)
+    check_fits(need, device, what, "lower train.batch_size (raise train.grad_accum to keep the batch), "
+                                   "data.block_size or the model's sizes")
+    return need
 
 
 def check_fits(need: StepMemory, device: torch.device, what: str, advice: str,
