@@ -6,6 +6,7 @@ the test instead of hanging or exhausting the (shared) machine."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -20,15 +21,18 @@ TINY = REPO / "configs" / "tiny.yaml"
 GIB = 1 << 30
 
 
-def limited(gib: float):
-    """preexec_fn: cap the child's address space (a safety net: an unbounded allocation fails, not the machine)."""
+def limited(gib: float, cores: int | None = None):
+    """preexec_fn: cap the child's address space (a safety net: an unbounded allocation fails, not the
+    machine); with ``cores``, pin it (and what it spawns) to that many CPUs."""
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (int(gib * GIB), int(gib * GIB)))
+        if cores is not None:
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
     return apply
 
 
-def bounded_cli(*args, gib: float = 6.0, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return cli(*args, preexec_fn=limited(gib), timeout=timeout, **kw)
+def bounded_cli(*args, gib: float = 6.0, timeout: float = 120, cores: int | None = None, **kw) -> subprocess.CompletedProcess:
+    return cli(*args, preexec_fn=limited(gib, cores), timeout=timeout, **kw)
 
 
 # --- absurd sizes: refused at load, one line, fast --------------------------------------------------
@@ -48,10 +52,12 @@ def test_absurd_sizes_refused_in_one_line(override, needle):
 
 
 def test_space_of_a_huge_count_prints_fast():
-    # 9^4096 children: more than the 4300 digits Python prints; the count is still shown
-    r = bounded_cli("space", "--config", TINY, "--set", "space.layers=4096", timeout=60)
+    # 20^4096 children: more than the 4300 digits Python's str() prints; the count is still shown
+    candidates = ",".join(f"ffn:{i}" for i in range(1, 21))
+    r = bounded_cli("space", "--config", TINY, "--set", "space.layers=4096", "--set", f"space.candidates=[{candidates}]",
+                    timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "e+3908 children" in r.stdout
+    assert "e+5329 children" in r.stdout
 
 
 def test_sample_archs_huge_n_refused(tmp_path):
@@ -93,14 +99,14 @@ def test_cap_workers_at_cores_says_so_once(capsys, monkeypatch):
 def test_prepare_data_huge_num_proc_capped(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} of a small corpus with some words in it\n" for i in range(1500)))  # one chunk
-    r = bounded_cli("prepare-data", "--config", TINY, "--num-proc", "100000", "--out", tmp_path / "prep",
+    r = bounded_cli("prepare-data", "--config", TINY, "--num-proc", "6", "--out", tmp_path / "prep",
                     "--no-progress", "--set", f"data.corpus=[{corpus}]", "--set", "data.vocab_size=200",
                     "--set", "data.block_size=16", "--set", "model.max_len=16", "--set", "data.dev_blocks=8",
-                    "--set", "data.anchor_blocks=0", gib=8, timeout=240)
+                    "--set", "data.anchor_blocks=0", gib=8, timeout=240, cores=2)
     assert r.returncode == 0, r.stderr
     warnings = [l for l in r.stderr.splitlines() if "capped" in l]
     assert len(warnings) == 2, r.stderr  # the cores, then the corpus's one chunk: no pool at all
-    assert "--num-proc 100000 capped at" in warnings[0]
+    assert "--num-proc 6 capped at 2 (the machine's cores)" in warnings[0]  # 6, not more: a regression forks them all
     manifest = json.loads((tmp_path / "prep" / "manifest.json").read_text())
     assert "capped at 1 (the 1 chunk of 2000 text units" in warnings[1] and manifest["num_proc"] <= 2
 
