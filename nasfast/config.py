@@ -295,9 +295,28 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
     return cfg
 
 
+# Upper bounds of sizes where a larger value can only be a typo (an extra 0 or three): refused at load,
+# before a model, a batch or a pool is sized by it. Well above BERT-large / LLaMA-scale settings.
+LIMITS = {
+    "model.hidden": 1 << 16, "model.max_len": 1 << 16, "data.block_size": 1 << 16, "data.vocab_size": 1 << 22,
+    "space.layers": 1 << 12, "space.candidates": 1 << 10, "train.batch_size": 1 << 20, "train.grad_accum": 1 << 16,
+    "train.eval_batches": 1 << 20, "train.eval_random_children": 1 << 10, "data.dev_blocks": 1 << 26,
+}
+
+
+def _check_limits(cfg: Config) -> None:
+    for key, limit in LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        size = len(value) if isinstance(value, list) else value
+        what = f"{key} has {size:,} entries" if isinstance(value, list) else f"{key}={size:,}"
+        require(size <= limit, f"{what}, more than the limit {limit:,} (a typo?)")
+
+
 def validate(cfg: Config) -> None:
     """Each field on its own and against the others; nothing here needs a registry."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    _check_limits(cfg)
     require(m.hidden > 0, f"model.hidden must be positive, got {m.hidden}")
     require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     require(m.max_len >= d.block_size, f"model.max_len ({m.max_len}) must be >= data.block_size ({d.block_size})")

@@ -38,6 +38,14 @@ def write_archs(path: str | Path, space: SearchSpace, archs: list[Arch]) -> None
     atomic_write_text(Path(path), "".join(space.arch_id(a) + "\n" for a in archs))
 
 
+POOL_MAX_ENTRIES = 50_000_000  # layer entries of the sampling pool (a few hundred MB of tuples)
+
+
+def max_sample(space: SearchSpace) -> int:
+    """The largest --n whose pool stays within POOL_MAX_ENTRIES (and 10,000 children)."""
+    return max(1, min(10_000, POOL_MAX_ENTRIES // (POOL_PER_ARCH * space.num_layers)))
+
+
 def stratified_archs(space: SearchSpace, n: int, seed: int, params) -> list[Arch]:
     """``n`` distinct children, one from each of ``n`` equal-count parameter-count quantile bins.
 
@@ -48,6 +56,10 @@ def stratified_archs(space: SearchSpace, n: int, seed: int, params) -> list[Arch
         raise UserError(f"--n must be positive, got {n}")
     if n > space.size:
         raise UserError(f"--n {n} is more than the {space.size} children of the space")
+    limit = max_sample(space)
+    if n > limit:  # the pool holds POOL_PER_ARCH * n archs of L layers: bound it before drawing
+        raise UserError(f"--n {n:,} is more than the limit {limit:,} for a {space.num_layers}-layer space "
+                        f"(a pool of {POOL_PER_ARCH} x n children is drawn)")
     rng = random.Random(seed)
     pool_size = POOL_PER_ARCH * n
     if space.size <= pool_size:

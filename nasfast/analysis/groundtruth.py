@@ -143,6 +143,16 @@ def _child_line(done: int, total: int, record: dict, elapsed_s: float, trained: 
             f"{status} ({record['train_time_s']:.0f} s); ETA {eta if left else 'done'}")
 
 
+def _check_memory(run: Run, archs: list[Arch]) -> None:
+    """Refuse (one line) before training any child if the costliest child's step cannot fit."""
+    from nasfast.training.memory import check_step_fits, step_memory
+
+    if archs:
+        worst = max(archs, key=lambda a: step_memory(run.cfg, run.space, run.corpus.vocab_size, False, False, a).total)
+        check_step_fits(run.cfg, run.space, run.corpus.vocab_size, run.device,
+                        f"training child {run.space.arch_id(worst)}", arch=worst)
+
+
 def run_ground_truth(
     run: Run, archs: list[Arch], out: Path, steps: Optional[int] = None, dev_batches: Optional[int] = None,
     limit: Optional[int] = None, progress: bool = True, on_trained: Optional[Callable[[str, dict], None]] = None,
@@ -168,6 +178,7 @@ def run_ground_truth(
     todo = [(a, i) for a, i in zip(archs, ids) if i not in records]
     if limit is not None:
         todo = todo[:limit]
+    _check_memory(run, [a for a, _ in todo])
     with tqdm(total=len(ids), initial=len(cached), desc="ground truth", unit="child", disable=not progress, dynamic_ncols=True) as bar:
         started = time.perf_counter()
         for n, (arch, arch_id) in enumerate(todo, 1):

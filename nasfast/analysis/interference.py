@@ -87,6 +87,9 @@ def sample_partner(space: SearchSpace, base: Arch, layer: int, d: int, rng: rand
     return tuple(arch), changed
 
 
+MAX_CHILDREN = 100_000
+
+
 def check_request(space: SearchSpace, layer: int, candidate: str, distances: Optional[int]) -> tuple[int, int]:
     """Validate (layer, candidate, D) against the space; returns (candidate index, D)."""
     L = space.num_layers
@@ -116,6 +119,10 @@ def measure(
     choice, D = check_request(space, layer, candidate, distances)
     if bases < 1 or partners_per_distance < 1:
         raise UserError("--bases and --partners-per-distance must be >= 1")
+    children = bases * (1 + D * partners_per_distance)
+    if children > MAX_CHILDREN:  # each child is a forward and backward; the pairs' gradients are kept
+        raise UserError(f"--bases {bases:,} x (1 + --distances {D} x --partners-per-distance {partners_per_distance:,}) = "
+                        f"{children:,} children, more than the limit {MAX_CHILDREN:,} (a typo?)")
     rng = random.Random(f"interference:{seed}:{layer}:{candidate}")
     model.eval()
     pairs = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -105,9 +106,9 @@ def _count(n: int) -> str:
     """A count in scientific notation, also beyond float range (a space of 9^600 children)."""
     try:
         return f"{float(n):.3e}"
-    except OverflowError:
-        digits = str(n)
-        return f"{digits[0]}.{digits[1:4]}e+{len(digits) - 1}"
+    except OverflowError:  # no str(n): Python refuses to print ints of more than 4300 digits
+        exponent = math.floor(math.log10(n))
+        return f"{n // 10 ** (exponent - 3) / 1000:.3f}e+{exponent}"
 
 
 @command("space")

@@ -237,7 +237,7 @@ def cached_prepared(cfg: DataConfig, num_proc: Optional[int] = None, progress: b
         if (legacy / "blocks.npz").is_file() and (legacy / "tokenizer").is_dir():
             convert_legacy(legacy, folder, cfg)
         else:
-            prepare(cfg, folder, num_proc or cfg.num_proc, progress)
+            prepare(cfg, folder, num_proc or cfg.num_proc, progress, "--num-proc" if num_proc else "data.num_proc")
     except OSError as exc:
         raise UserError(f"cannot write the data cache {root}: {exc.strerror or exc} "
                         "(set data.cache_dir or $NASFAST_CACHE to a writable folder)") from None

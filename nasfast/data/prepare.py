@@ -41,6 +41,7 @@ from nasfast.data.sources import Source, iter_corpus, iter_source, resolve_sourc
 from nasfast.errors import UserError
 from nasfast.faults import kill_point
 from nasfast.files import writing
+from nasfast.resources import cap_workers
 from nasfast.rng import DEV_SPLIT_SEED
 
 FORMAT = "nasfast-prepared/1"
@@ -156,8 +157,16 @@ def _chunks(units: Iterator[str], digest) -> Iterator[list[str]]:
 
 
 def _block_stream(chunks: Iterator[list[str]], tokenizer, tokenizer_dir: Path, block_size: int, dtype: np.dtype,
-                  num_proc: int) -> Iterator[np.ndarray]:
-    """Blocks of each chunk, in order; with ``num_proc`` > 1, at most 2·num_proc chunks are in flight."""
+                  num_proc: int, num_proc_name: str = "--num-proc") -> Iterator[np.ndarray]:
+    """Blocks of each chunk, in order; with ``num_proc`` > 1, at most 2·num_proc chunks are in flight.
+
+    A worker (~170 MB once its tokenizer is loaded) is only started for a chunk it can get: the first
+    ``num_proc`` chunks are read before the pool starts, and a smaller corpus caps the pool at them."""
+    if num_proc > 1:
+        head = list(itertools.islice(chunks, num_proc))
+        num_proc = cap_workers(num_proc, num_proc_name, len(head), f"chunk{'s' if len(head) != 1 else ''} of "
+                                                                  f"{CHUNK_UNITS} text units in the corpus")
+        chunks = itertools.chain(head, chunks)
     if num_proc <= 1:
         for chunk in chunks:
             yield tokenize_chunk(tokenizer, chunk, block_size, dtype)
@@ -291,11 +300,12 @@ def data_key(cfg: DataConfig, sources: list[Source]) -> str:
     return hashlib.sha256(json.dumps([fields, stamp], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = False) -> PrepareStats:
-    """Tokenize ``cfg.corpus`` into the prepared-data folder ``out`` (atomic; a no-op if it is there)."""
+def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = False,
+            num_proc_name: str = "--num-proc") -> PrepareStats:
+    """Tokenize ``cfg.corpus`` into the prepared-data folder ``out`` (atomic; a no-op if it is there).
+    ``num_proc`` is capped at the usable cores here and at the number of chunks in ``_block_stream``."""
     out = Path(out).expanduser()
-    if num_proc < 1:
-        raise UserError(f"--num-proc must be >= 1, got {num_proc}")
+    num_proc = cap_workers(num_proc, num_proc_name)
     sources = resolve_sources(cfg.corpus)
     key = data_key(cfg, sources)
     if _check_out(out, key):
@@ -313,7 +323,7 @@ def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = Fals
         raise UserError(f"cannot write prepared data under {out.parent}: {exc.strerror or exc}") from None
     try:
         with writing(out, partial=tmp):
-            stats = _prepare_into(tmp, cfg, sources, key, num_proc, progress, started)
+            stats = _prepare_into(tmp, cfg, sources, key, num_proc, progress, started, num_proc_name)
         kill_point("prepare:before-rename")
         try:
             tmp.rename(out)
@@ -330,7 +340,7 @@ def prepare(cfg: DataConfig, out: Path, num_proc: int = 1, progress: bool = Fals
 
 
 def _prepare_into(tmp: Path, cfg: DataConfig, sources: list[Source], key: str, num_proc: int, progress: bool,
-                  started: float) -> PrepareStats:
+                  started: float, num_proc_name: str = "--num-proc") -> PrepareStats:
     if cfg.tokenizer is not None:
         tokenizer = load_user_tokenizer(cfg.tokenizer)
     else:
@@ -350,7 +360,8 @@ def _prepare_into(tmp: Path, cfg: DataConfig, sources: list[Source], key: str, n
     all_path, n = tmp / "all.bin", 0
     bar = _progress(progress)
     with open(all_path, "wb") as fh:
-        for blocks in _block_stream(_chunks(counted(units), text_digest), tokenizer, tmp / "tokenizer", T, dtype, num_proc):
+        for blocks in _block_stream(_chunks(counted(units), text_digest), tokenizer, tmp / "tokenizer", T, dtype, num_proc,
+                                    num_proc_name):
             fh.write(blocks.tobytes())
             n += len(blocks)
             if bar is not None:

@@ -210,6 +210,8 @@ class FinetuneSettings:
                   (self.lr > 0, f"--lr must be positive, got {self.lr}"),
                   (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
                   (self.max_len >= 8, f"--max-len must be >= 8, got {self.max_len}"),
+                  (self.batch_size <= 1 << 16, f"--batch-size {self.batch_size:,} is more than the limit 65,536 (a typo?)"),
+                  (self.max_len <= 1 << 16, f"--max-len {self.max_len:,} is more than the limit 65,536 (a typo?)"),
                   (len(self.seeds) > 0, "--seeds needs at least one seed"),
                   (len(set(self.seeds)) == len(self.seeds), f"--seeds has duplicates: {self.seeds}")]
         for ok, msg in checks:

@@ -58,6 +58,9 @@ class Budget:
         return (self.max_params is None or params <= self.max_params) and (self.max_flops is None or flops <= self.max_flops)
 
 
+MAX_EVALUATIONS = 1_000_000  # children a search may score; more can only be a typo (each is a dev pass)
+
+
 @dataclass
 class SearchSettings:
     strategy: str = "evolution"
@@ -83,6 +86,8 @@ class SearchSettings:
         need(0.0 <= self.mutation_prob <= 1.0, f"--mutation-prob must be in [0, 1], got {self.mutation_prob}")
         need(0.0 <= self.crossover <= 1.0, f"--crossover must be in [0, 1], got {self.crossover}")
         need(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
+        need(self.evaluations <= MAX_EVALUATIONS, f"--population {self.population:,} x --generations "
+             f"{self.generations:,} = {self.evaluations:,} children, more than the limit {MAX_EVALUATIONS:,} (a typo?)")
 
     @property
     def evaluations(self) -> int:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # annotations only: the backend is handed to forward, never i
     from nasfast.kernels.registry import OpSet
 
 LAYERNORM_PARAMS_PER_H = 2  # weight + bias
+MAX_CANDIDATE_SIZE = 1 << 20  # a candidate size (heads, inner, width) above this can only be a typo
 
 CANDIDATES: dict[str, type["Candidate"]] = {}
 
@@ -97,8 +98,12 @@ class Candidate:
         """The default token grammar: ``kind`` followed by one positive integer per field."""
         args = text.split(":")[1:]
         names = [f.name for f in fields(cls)]
-        if len(args) != len(names) or not all(a.isascii() and a.isdigit() and int(a) > 0 for a in args):
+        # length first: int() of a 5000-digit string raises instead of parsing
+        if len(args) != len(names) or not all(a.isascii() and a.isdigit() and len(a) < 20 and int(a) > 0 for a in args):
             raise UserError(f"candidate '{text}': expected {cls.usage or cls.kind} (positive integers)")
+        big = [a for a in args if int(a) > MAX_CANDIDATE_SIZE]
+        if big:
+            raise UserError(f"candidate '{text}': {big[0]} is more than the limit {MAX_CANDIDATE_SIZE:,} (a typo?)")
         return cls(*(int(a) for a in args))
 
     def validate(self, hidden: int) -> None:

@@ -36,7 +36,8 @@ from nasfast.faults import kill_point
 from nasfast.data.loader import StepLoader
 from nasfast.training.metrics import MetricsLog, TrainLogger, read_metrics, training_curves
 from nasfast.training.runfolder import RunFolder, check_resume_changes
-from nasfast.space.samplers import build_sampler
+from nasfast.space.samplers import SAMPLERS, build_sampler
+from nasfast.training.memory import check_step_fits
 from nasfast.space.supernet import Supernet, child_forward_flops, child_num_params, space_cost_range
 
 __all__ = ["Trainer", "Diverged"]
@@ -117,6 +118,9 @@ class Trainer:
         barrier(self.world)
         if not self.world.is_main:
             self.corpus = build_corpus(cfg.data, self.run_dir, require=True)
+        if not t.deepspeed:  # refuse a step that cannot fit before the model's first allocation (ZeRO shards it)
+            check_step_fits(cfg, self.space, self.corpus.vocab_size, self.device, "a training step",
+                            aligns=SAMPLERS[cfg.sampler.name].aligns)
         with rng.isolated("cpu"):  # weights are initialised on the CPU from train.seed; the caller's RNG is kept
             rng.seed_global(t.seed)
             model = Supernet(cfg.model, self.space, self.corpus.vocab_size, backend="eager")
