@@ -16,7 +16,7 @@ from scipy import stats
 
 from nasfast.analysis import interference, plots
 from nasfast.analysis.ranking import replicate_ceiling
-from nasfast.nas.search import search_figure
+from nasfast.nas.search_plot import search_figure
 from nasfast.training.metrics import curves_figure, pyplot, training_curves
 from tests.runhelpers import cli
 
