@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from nasfast.kernels.registry import op_names
 from benchmarks.harness import describe as _describe  # importing it tunes malloc before anything is timed
 from nasfast.kernels.cases import bench_inputs
+from nasfast.kernels.registry import op_names
 
 OPS = op_names()  # every registered op (re-exported for the bench scripts)
 

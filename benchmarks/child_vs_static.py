@@ -33,8 +33,8 @@ def main() -> None:
 
     datasets.disable_progress_bar()
     from nasfast.config import load_config
-    from nasfast.space.checks import build_space
     from nasfast.data.blocks import build_corpus
+    from nasfast.space.checks import build_space
     from nasfast.space.supernet import StaticModel, Supernet
     from nasfast.training.optim import build_optimizer, clip_and_step
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from benchmarks.harness import command_line, describe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ENGINES = ("plain", "zero1", "zero2", "zero3")
 
@@ -148,9 +148,9 @@ def _base_worker(rank: int, world: int, port: int, engine: str, out: str) -> Non
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from nasfast.config import load_config
-    from nasfast.space.checks import build_space
     from nasfast.distributed import init_from_env
     from nasfast.engines.deepspeed import DeepSpeedEngine, load_ds_config
+    from nasfast.space.checks import build_space
     from nasfast.space.supernet import Supernet
 
     cfg = load_config(ROOT / "configs" / "base.yaml", ["train.device=cpu"])

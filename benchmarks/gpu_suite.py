@@ -344,6 +344,7 @@ def time_vs_transformers(args, rows: list) -> None:
 
     try:
         import vs_transformers
+
         from benchmarks.step_models import StepConfig, make_batch, nasfast_steps
 
         res = vs_transformers.main(["--device", "cuda", "--dtype", "bf16", "--hidden", "128,512",

@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-
 from benchmarks.bench_cases import OPS, WIDTHS, machine, make_case
 from benchmarks.harness import command_line, interleaved
-
 from nasfast.kernels.registry import get_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

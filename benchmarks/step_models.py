@@ -179,8 +179,8 @@ def hf_step(sc: StepConfig, batch: dict, masked_head: bool = False, compile_mode
 def nasfast_steps(sc: StepConfig, batch: dict, backends: list) -> list:
     """The child of equal dims in a supernet, and its extracted static model, per backend."""
     from nasfast.space.checks import build_space
-    from nasfast.training.optim import clip_and_step
     from nasfast.space.supernet import Supernet
+    from nasfast.training.optim import clip_and_step
 
     cfg = nasfast_config(sc, "eager")
     space = build_space(cfg)

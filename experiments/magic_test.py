@@ -54,8 +54,8 @@ def overrides() -> list[str]:
 # --- prepare -----------------------------------------------------------------------------------
 def prepare(args) -> None:
     from nasfast.config import load_config, save_config
-    from nasfast.space.checks import build_space
     from nasfast.data.blocks import build_corpus
+    from nasfast.space.checks import build_space
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = RESULTS / "data"

@@ -209,7 +209,6 @@ def plots(results: Path, report: dict, est: dict, truth_hard: dict, hard: list[s
 
 def analyze(results: Path, reps: int = 4000) -> dict:
     from benchmarks.harness import describe
-
     from nasfast.config import load_config
     from nasfast.space.checks import build_space
 

@@ -122,9 +122,8 @@ def pretrain_standalone(run, model, forward, steps: int, lr: float | None = None
     replaces the run's peak learning rate (everything else unchanged)."""
     import copy
 
-
-    from nasfast.space.evaluation import evaluate_mlm
     from nasfast.data.blocks import micro_batches
+    from nasfast.space.evaluation import evaluate_mlm
     from nasfast.training.optim import build_optimizer, build_scheduler, clip_and_step
 
     cfg, device, corpus = copy.deepcopy(run.cfg), run.device, run.corpus
@@ -237,9 +236,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from benchmarks.harness import describe
-
-    from nasfast.config import load_config, save_config
     from nasfast.analysis.runs import open_run
+    from nasfast.config import load_config, save_config
 
     started = time.time()
     work, out = args.work, args.out

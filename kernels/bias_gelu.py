@@ -11,7 +11,15 @@ import triton
 import triton.language as tl
 
 from nasfast.kernels._common import (
-    NAMESPACE, acc_type, gelu, gelu_grad, interpreting, num_programs_target, pow2, row_block, tile_budget,
+    NAMESPACE,
+    acc_type,
+    gelu,
+    gelu_grad,
+    interpreting,
+    num_programs_target,
+    pow2,
+    row_block,
+    tile_budget,
 )
 
 

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from nasfast.kernels.registry import FusedOp, OpInputs, register_op
 from nasfast.kernels import reference
 from nasfast.kernels.cases import Case, max_abs
+from nasfast.kernels.registry import FusedOp, OpInputs, register_op
 
 HEAD_DIMS = (1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 40, 64)  # head sizes the property tests draw
 

@@ -36,14 +36,12 @@ all the others.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nasfast.kernels import registry
-from nasfast.kernels import reference
+from nasfast.kernels import reference, registry
 
 LAYOUTS = ("contiguous", "transposed", "strided", "offset", "permuted", "broadcast")
 MASKS = (None, "full", "mixed", "all_pad", "first", "last")  # token_mask() also knows "lengths"

@@ -17,7 +17,15 @@ import triton
 import triton.language as tl
 
 from nasfast.kernels._common import (
-    NAMESPACE, acc_torch_dtype, acc_type, gelu, gelu_grad, interpreting, num_programs_target, pow2, row_block,
+    NAMESPACE,
+    acc_torch_dtype,
+    acc_type,
+    gelu,
+    gelu_grad,
+    interpreting,
+    num_programs_target,
+    pow2,
+    row_block,
     tile_budget,
 )
 

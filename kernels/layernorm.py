@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from nasfast.kernels._common import NAMESPACE, acc_torch_dtype, acc_type, num_programs_target, pow2, row_block, tile_budget
+from nasfast.kernels._common import (
+    NAMESPACE,
+    acc_torch_dtype,
+    acc_type,
+    num_programs_target,
+    pow2,
+    row_block,
+    tile_budget,
+)
 
 # DROPOUT modes (constexpr): none, regenerate from seed, explicit keep mask.
 _NONE, _SEED, _MASK = 0, 1, 2

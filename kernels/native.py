@@ -16,7 +16,6 @@ import torch
 from nasfast.kernels.native_build import available, ensure, why_unavailable  # noqa: F401 (the registry asks the backend)
 
 
-
 def gemm_backend() -> str:
     """Which GEMM the fused attention uses: 'blas:sgemm_' (libtorch_cpu's BLAS) or 'aten'."""
     _require()

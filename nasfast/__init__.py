@@ -19,7 +19,7 @@ def _running_as_cli() -> bool:
 # AutoModelForMaskedLM / AutoModelForSequenceClassification.from_pretrained after `import nasfast`.
 # That import loads torch; a Ctrl-C during it, from the command line, is one line like any other.
 try:
-    from nasfast.nas import hf_model as _hf_model
+    from nasfast.nas import hf_model as _hf_model  # noqa: F401 (registers the Auto classes)
 except KeyboardInterrupt:
     if not _running_as_cli():
         raise

@@ -20,7 +20,6 @@ if "NASFAST_CACHE" not in os.environ:  # tests never touch the user's cache
 from pathlib import Path
 
 import datasets
-
 import pytest
 import torch
 

@@ -4,17 +4,17 @@ import random
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
+
 from nasfast.analysis.archlist import read_archs, stratified_archs
-from nasfast.cli.app import main
-from nasfast.config import load_config, save_config
-from nasfast.errors import UserError
-from nasfast.space.evaluation import evaluate_child
 from nasfast.analysis.groundtruth import cache_path, run_ground_truth
 from nasfast.analysis.interference import check_request, child_pass, compare, cosine, sample_partner
 from nasfast.analysis.ranking import kendall, rank_correlation, spearman
 from nasfast.analysis.runs import open_run
+from nasfast.cli.app import main
+from nasfast.config import load_config, save_config
+from nasfast.errors import UserError
+from nasfast.space.evaluation import evaluate_child
 from nasfast.space.searchspace import hamming
 from nasfast.space.supernet import child_num_params
 from nasfast.training.trainer import Trainer

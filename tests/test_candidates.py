@@ -9,12 +9,12 @@ from typing import ClassVar
 
 import pytest
 import torch
+from conftest import MICRO_OVERRIDES
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import MICRO_OVERRIDES
-from nasfast.space.candidates import CANDIDATES, Candidate, CandidateModule, GatedFeedForward, register_candidate
 from nasfast.config import ModelConfig, load_config
 from nasfast.errors import UserError
+from nasfast.space.candidates import CANDIDATES, Candidate, CandidateModule, GatedFeedForward, register_candidate
 from nasfast.space.searchspace import SearchSpace
 from nasfast.space.supernet import StaticModel, Supernet, child_forward_flops, child_num_params
 from nasfast.training.optim import build_optimizer

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nasfast.cli import app as cli
-from nasfast.training.checkpointer import Checkpointer, NonFiniteState, RngState, read_checkpoint
 from nasfast.config import load_config
 from nasfast.errors import UserError
+from nasfast.training.checkpointer import Checkpointer, NonFiniteState, RngState, read_checkpoint
 from nasfast.training.metrics import MetricsLog, dumps, read_metrics
 from nasfast.training.optim import build_optimizer, build_scheduler, retarget_schedule
 

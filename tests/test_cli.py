@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from nasfast.training.checkpointer import raw_checkpoint as load
 from nasfast.cli.app import main
 from nasfast.training.checkpointer import CHECKPOINT
+from nasfast.training.checkpointer import raw_checkpoint as load
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -8,15 +8,15 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import MICRO_OVERRIDES
-from nasfast.training.checkpointer import CHECKPOINT
+from runhelpers import assert_one_line, cli, copy_run, popen, unprivileged
+
 from nasfast.cli.app import main
 from nasfast.config import load_config, save_config
 from nasfast.data.blocks import MAX_UNDECODABLE_SHARE, corpus_files, read_lines
 from nasfast.errors import UserError
+from nasfast.training.checkpointer import CHECKPOINT
 from nasfast.training.trainer import Trainer
-from runhelpers import assert_one_line, cli, copy_run, popen, unprivileged
 
 ARCH = "mha:2|ffn:40|identity"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
 
 pytest.importorskip("deepspeed")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
-from nasfast.config import load_config, save_config
+from runhelpers import assert_one_line, cli
+
+from nasfast.config import load_config
 from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
 from nasfast.training.metrics import read_metrics
 from nasfast.training.trainer import Trainer
-from runhelpers import assert_one_line, cli
 
 ARCHS = ["mha:2|ffn:40|identity", "conv:3|mha:3|conv:5", "identity|identity|ffn:40"]
 

@@ -5,7 +5,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import MICRO_OVERRIDES
 
 

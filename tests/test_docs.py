@@ -44,8 +44,9 @@ def test_every_config_key_has_one_help_text():
 
 
 def test_pretrain_help_config_prints_the_same_help_texts():
-    from nasfast.config import config_keys
     from runhelpers import cli
+
+    from nasfast.config import config_keys
 
     res = cli("pretrain", "--help-config")  # no --out needed: it only lists
     assert res.returncode == 0, res.stderr

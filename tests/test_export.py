@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
+
+from nasfast.analysis.runs import open_run
 from nasfast.cli.app import main
 from nasfast.config import load_config
-from nasfast.analysis.runs import open_run
 from nasfast.training.trainer import Trainer
 
 # Identity layers, attention and convolutions (whose padding masks matter), feed-forward.

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 from conftest import MICRO_OVERRIDES
+from test_op_registry import TOY_OP, Counted, scaled_tanh_fused
+
+from nasfast.config import ModelConfig, load_config
 from nasfast.kernels import registry as backend
 from nasfast.kernels.registry import Backend
 from nasfast.space.candidates import CANDIDATES, Candidate, CandidateModule, register_candidate
-from nasfast.config import ModelConfig, load_config
 from nasfast.training.metrics import read_metrics
 from nasfast.training.trainer import Trainer
-from test_op_registry import TOY_OP, Counted, scaled_tanh_fused
 
 
 class GatedTanhModule(CandidateModule):

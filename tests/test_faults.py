@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
+from runhelpers import cli, popen
 
 from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
-from runhelpers import cli, popen
 
 STEPS = 10
 ARGS = ["--no-progress", "--set", f"train.steps={STEPS}", "--set", "train.ckpt_every=3", "--set", "train.eval_every=5"]

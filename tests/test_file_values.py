@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from runhelpers import assert_one_line, cli
 
 
@@ -232,6 +231,7 @@ def test_search_cache_entry_with_a_bad_score_is_refused(tmp_path):
 def gt_run(tmp_path_factory):
     """A trained micro run, an arch list and its ground truth (2 steps per child)."""
     from conftest import MICRO_OVERRIDES
+
     from nasfast.config import load_config
     from nasfast.training.trainer import Trainer
 

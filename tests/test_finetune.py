@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_OVERRIDES
 
 import nasfast
-from conftest import MICRO_OVERRIDES
 from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.errors import UserError

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import MICRO_OVERRIDES
+from runhelpers import cli
+
 from nasfast.cli.app import build_parser, main
 from nasfast.config import load_config, save_config
-from runhelpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -27,9 +27,9 @@ import shutil
 import pytest
 import torch
 
-from nasfast.kernels.registry import get_op, get_ops, op_names
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
+from nasfast.kernels.registry import get_op, get_ops, op_names
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, note, settings  # noqa: E402

@@ -4,14 +4,14 @@ import random
 import pytest
 import torch
 
-from nasfast.space.alignment import AnchorTracker, aligned_forward, first_difference
-from nasfast.training.checkpointer import raw_checkpoint as load
 from nasfast.config import ModelConfig
-from nasfast.training.metrics import read_metrics
+from nasfast.space.alignment import AnchorTracker, aligned_forward, first_difference
 from nasfast.space.samplers import build_sampler
 from nasfast.space.searchspace import hamming
 from nasfast.space.supernet import Supernet
 from nasfast.training.checkpointer import CHECKPOINT
+from nasfast.training.checkpointer import raw_checkpoint as load
+from nasfast.training.metrics import read_metrics
 from nasfast.training.trainer import Trainer
 
 
@@ -228,9 +228,10 @@ def test_anchor_split_is_disjoint_from_evaluation_dev(micro_config, tmp_path):
 
 
 def test_magic_a_requires_an_anchor_split(micro_config):
-    from nasfast.space.checks import load_run_config
-    from nasfast.errors import UserError
     from conftest import MICRO_OVERRIDES
+
+    from nasfast.errors import UserError
+    from nasfast.space.checks import load_run_config
 
     with pytest.raises(UserError, match="data.anchor_blocks"):
         load_run_config(None, MICRO_OVERRIDES + ["sampler.name=magic-a"])
@@ -245,8 +246,8 @@ def test_magic_a_requires_an_anchor_split(micro_config):
 def test_magic_a_keys_moved_to_the_align_section(tmp_path, capsys):
     """Old ``sampler.*`` MAGIC-A keys still load (saved run folders resume) and say where they went."""
     import yaml
-
     from conftest import MICRO_OVERRIDES
+
     from nasfast.config import load_config, migrate
     from nasfast.errors import UserError
     from nasfast.training.runfolder import check_resume_changes

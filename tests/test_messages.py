@@ -7,7 +7,6 @@ import os
 import shutil
 
 import pytest
-
 from runhelpers import assert_one_line, cli
 
 

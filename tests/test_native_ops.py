@@ -21,10 +21,9 @@ from itertools import product
 import pytest
 import torch
 
-from nasfast.kernels.registry import get_op, get_ops
-from nasfast.kernels import cases
-from nasfast.kernels import native_build
+from nasfast.kernels import cases, native_build
 from nasfast.kernels import reference as ref
+from nasfast.kernels.registry import get_op, get_ops
 
 FLOOR = 4e-6
 STRICT = cases.Rule(eager_factor=2.0, floor={torch.float32: FLOOR, torch.float64: 1e-12}, documented=False)
@@ -330,7 +329,7 @@ def test_low_precision_upcast(native, dtype):
 
 
 def test_backend_selects_native(native):
-    from nasfast.kernels.registry import get_op, get_ops
+    from nasfast.kernels.registry import get_ops
 
     ops = get_ops("native", "cpu")
     assert ops.name == "native" and ops.attention is native.attention
@@ -339,7 +338,7 @@ def test_backend_selects_native(native):
 
 def test_convergence_matches_eager(native, one_thread):
     """A small post-LN block trained 20 steps with each backend: same loss curve."""
-    from nasfast.kernels.registry import get_op, get_ops
+    from nasfast.kernels.registry import get_ops
 
     B, T, H, nh, k = 4, 17, 24, 2, 5
     mask = padding_mask(B, T, "mixed")

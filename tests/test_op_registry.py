@@ -12,14 +12,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
-from nasfast.kernels import registry as backend
-from nasfast.kernels.registry import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
+
 from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
+from nasfast.kernels import registry as backend
+from nasfast.kernels.registry import Backend, FusedOp, OpInputs, get_op, get_ops, op_names
 from nasfast.training.metrics import read_metrics
 from nasfast.training.trainer import Trainer
 

@@ -12,7 +12,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 from conftest import MICRO_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]

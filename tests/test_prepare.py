@@ -14,16 +14,24 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import MICRO_OVERRIDES
 from runhelpers import assert_one_line, cli
+
 from nasfast.config import DataConfig, load_config, save_config
-from nasfast.data.blocks import (DEV_SPLIT_SEED, Corpus, build_corpus, corpus_files, make_blocks, mask_tokens, read_lines,
-                          torch_generator)
-from nasfast.distributed import World
-from nasfast.errors import UserError
+from nasfast.data.blocks import (
+    DEV_SPLIT_SEED,
+    Corpus,
+    build_corpus,
+    corpus_files,
+    make_blocks,
+    mask_tokens,
+    read_lines,
+    torch_generator,
+)
 from nasfast.data.loader import StepLoader
 from nasfast.data.prepare import open_prepared, prepare, read_manifest
+from nasfast.distributed import World
+from nasfast.errors import UserError
 
 
 def _micro_text(chars: int = 120_000, start: int = 0) -> list[str]:
@@ -140,8 +148,8 @@ def test_existing_tokenizer_folder_and_bad_ones(micro_config, tmp_path, wordpiec
 
 
 def test_tokenizer_sample_bounds_the_text_it_is_trained_on(micro_config, tmp_path):
-    from nasfast.data.sources import resolve_sources
     from nasfast.data.prepare import tokenizer_sample
+    from nasfast.data.sources import resolve_sources
 
     cfg = _data_cfg(micro_config, tokenizer_sample_chars=20_000, max_chars_per_file=None)
     sources = resolve_sources(cfg.corpus)
@@ -329,8 +337,8 @@ def test_two_ranks_read_disjoint_blocks_of_one_shared_map(micro_config, tmp_path
 
 def test_an_older_cache_entry_is_converted_keeping_its_tokenizer(micro_config, micro_corpus, tmp_path):
     """A cache written by an older nasfast (blocks.npz + tokenizer/) becomes a prepared folder with the same tokens."""
-    from nasfast.data.sources import resolve_sources
     from nasfast.data.prepare import data_key
+    from nasfast.data.sources import resolve_sources
 
     cfg = _data_cfg(micro_config, cache_dir=str(tmp_path / "cache"))
     legacy = tmp_path / "cache" / "corpus" / data_key(cfg, resolve_sources(cfg.corpus))

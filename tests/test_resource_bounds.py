@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from runhelpers import ENV, assert_one_line, cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,16 +5,16 @@ import time
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
-from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
+from runhelpers import assert_one_line, cli, copy_run, popen, strict_json_lines
+
 from nasfast.cli.app import main
 from nasfast.config import load_config, save_config
 from nasfast.data.blocks import load_tokenizer
+from nasfast.training.checkpointer import CHECKPOINT, read_checkpoint
 from nasfast.training.metrics import read_metrics
 from nasfast.training.optim import lr_lambda
 from nasfast.training.trainer import Trainer
-from runhelpers import assert_one_line, cli, copy_run, popen, strict_json_lines
 
 
 @pytest.fixture(scope="module")

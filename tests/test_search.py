@@ -5,13 +5,13 @@ import random
 
 import pytest
 import torch
-
 from conftest import MICRO_OVERRIDES
+
+from nasfast.analysis.runs import open_run
 from nasfast.cli.app import main
 from nasfast.config import load_config
 from nasfast.errors import UserError
-from nasfast.analysis.runs import open_run
-from nasfast.nas.search import Budget, ScoreCache, SearchSettings, pareto_front, run_search, Child
+from nasfast.nas.search import Budget, Child, ScoreCache, SearchSettings, pareto_front, run_search
 from nasfast.space.searchspace import SearchSpace
 from nasfast.space.supernet import child_forward_flops, child_num_params
 from nasfast.training.trainer import Trainer

@@ -1,12 +1,11 @@
 import json
 
 import pytest
-
 import torch
 
+from nasfast.training.checkpointer import CHECKPOINT
 from nasfast.training.checkpointer import raw_checkpoint as load
 from nasfast.training.metrics import read_metrics
-from nasfast.training.checkpointer import CHECKPOINT
 from nasfast.training.trainer import Trainer
 
 

@@ -19,14 +19,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nasfast.kernels.registry import get_op, get_ops
 from nasfast.kernels import cases
 from nasfast.kernels import reference as ref
+from nasfast.kernels.registry import get_op, get_ops
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from nasfast.kernels import alignment, attention, bias_gelu, dwconv, layernorm, triton_ops
+    from nasfast.kernels import alignment, attention, bias_gelu, dwconv, layernorm, triton_ops  # noqa: F401
     _INTERPRETED = isinstance(bias_gelu._bias_gelu_fwd_kernel, InterpretedFunction)
 except ImportError as exc:  # pragma: no cover
     pytest.skip(f"triton unavailable: {exc}", allow_module_level=True)
@@ -249,7 +249,7 @@ def test_torch_compile_treats_ops_as_opaque():
 @pytest.mark.slow
 def test_convergence_matches_eager():
     """A few dozen SGD steps of a small post-LN block stack: fused and eager losses stay together."""
-    from nasfast.kernels.registry import get_op, get_ops
+    from nasfast.kernels.registry import get_ops
 
     B, T, H, NH = 4, 13, 24, 2
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from nasfast.space.evaluation import evaluate_child
 from nasfast.analysis.runs import Run, dev_description
+from nasfast.space.evaluation import evaluate_child
 from nasfast.space.searchspace import Arch
 from nasfast.space.supernet import child_num_params
 

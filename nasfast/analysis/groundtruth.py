@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from nasfast import rng
-from nasfast.files import atomic_write_text
+from nasfast.analysis.runs import Run, dev_description
 from nasfast.data.blocks import data_fingerprint
 from nasfast.errors import UserError
+from nasfast.files import atomic_write_text
 from nasfast.space.evaluation import evaluate_mlm
-from nasfast.analysis.runs import Run, dev_description
 from nasfast.space.searchspace import Arch
 from nasfast.space.supernet import StaticModel, child_num_params
 

@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nasfast.files import atomic_write_text
-from nasfast.errors import UserError
 from nasfast.analysis.ranking import fmt, spearman
+from nasfast.errors import UserError
+from nasfast.files import atomic_write_text
 from nasfast.space.searchspace import Arch, SearchSpace
 
 

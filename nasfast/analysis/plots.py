@@ -6,7 +6,6 @@ values (distance d, generation) get discrete colours and a legend, tick labels n
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 from nasfast.training.metrics import pyplot as _pyplot

@@ -6,7 +6,6 @@ by arch id. Lower loss is better in both, so a good supernet gives positive τ a
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path

@@ -14,14 +14,14 @@ from typing import Optional
 
 import torch
 
-from nasfast.training.checkpointer import CHECKPOINT, load_model_state, read_checkpoint
 from nasfast.config import Config
-from nasfast.space.checks import build_space, load_run_config
 from nasfast.data.blocks import Corpus, build_corpus
 from nasfast.device import resolve_device
-from nasfast.kernels.registry import check_backend
 from nasfast.errors import UserError
+from nasfast.kernels.registry import check_backend
+from nasfast.space.checks import build_space, load_run_config
 from nasfast.space.searchspace import SearchSpace
+from nasfast.training.checkpointer import CHECKPOINT, load_model_state, read_checkpoint
 
 
 @dataclass

@@ -125,9 +125,9 @@ def cmd_ground_truth(args: argparse.Namespace) -> int:
 
 @command("evaluate")
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nasfast.files import atomic_write_text
     from nasfast.analysis.estimates import inherited_estimates
     from nasfast.analysis.runs import open_run
+    from nasfast.files import atomic_write_text
 
     run = open_run(args.run)
     archs = _read_archs(run, args.archs)
@@ -144,8 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 @command("rank")
 def cmd_rank(args: argparse.Namespace) -> int:
     from nasfast.analysis import plots
-    from nasfast.files import atomic_write_text
     from nasfast.analysis.ranking import check_same_dev, fmt, load_results, rank_correlation, replicate_ceiling
+    from nasfast.files import atomic_write_text
 
     estimates, truth = load_results(args.estimates), load_results(args.truth)
     replicates = [load_results(r) for r in args.replicate or []]

@@ -19,9 +19,9 @@ from nasfast.files import StorageError, writing
 
 @command("prepare-data")
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from nasfast.space.checks import load_run_config
     from nasfast.data.blocks import cached_prepared
     from nasfast.data.prepare import prepare
+    from nasfast.space.checks import load_run_config
 
     cfg = load_run_config(args.config, list(args.set or []))
     quiet_libraries()

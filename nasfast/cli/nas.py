@@ -105,8 +105,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from nasfast.nas.export import export_child, resolve_arch
     from nasfast.analysis.runs import open_run
+    from nasfast.nas.export import export_child, resolve_arch
 
     run = open_run(args.run)
     arch = resolve_arch(run.space, args.arch)

@@ -27,11 +27,7 @@ import numpy as np
 import torch
 
 from nasfast.config import DataConfig
-from nasfast.data.sources import MAX_UNDECODABLE_SHARE, corpus_files, read_lines, resolve_sources
-from nasfast.distributed import World
-from nasfast.errors import UserError
-from nasfast.files import writing
-from nasfast.data.prepare import (
+from nasfast.data.prepare import (  # noqa: F401 (old names, as above)
     DEV_SPLIT_SEED,
     SPECIAL_TOKENS,
     convert_legacy,
@@ -43,6 +39,12 @@ from nasfast.data.prepare import (
     token_dtype,
     train_tokenizer,
 )
+
+# Names of the old nasfast.data module, still imported from here for one release (nasfast.data forwards them):
+from nasfast.data.sources import MAX_UNDECODABLE_SHARE, corpus_files, read_lines, resolve_sources  # noqa: F401
+from nasfast.distributed import World
+from nasfast.errors import UserError
+from nasfast.files import writing
 from nasfast.rng import ANCHOR_MASK_SEED, DEV_MASK_SEED, micro_seed, torch_generator
 
 # The MLM collator's split of selected tokens: 80% [MASK], 10% a random token, 10% unchanged.

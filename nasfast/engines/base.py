@@ -14,11 +14,11 @@ from typing import Optional, Protocol
 
 import torch
 
-from nasfast.space.alignment import aligned_forward
-from nasfast.training.checkpointer import Stateful
 from nasfast.config import Config
+from nasfast.space.alignment import aligned_forward
 from nasfast.space.samplers import SAMPLERS
 from nasfast.space.searchspace import Arch
+from nasfast.training.checkpointer import Stateful
 
 
 class Engine(Protocol):

@@ -44,11 +44,17 @@ import torch
 import torch.distributed as dist
 
 from nasfast.config import Config
+from nasfast.engines.ds_config import STAGES, ds_env_defaults, load_ds_config  # noqa: F401 (the engine's config API)
+from nasfast.engines.zero_child import (
+    child_zero12_step,
+    fallback_cost,
+    hold_gathered,
+    internals_tested,
+    supports_child_step,
+)
 from nasfast.errors import UserError, warn
 from nasfast.files import writing
 from nasfast.space.searchspace import Arch
-from nasfast.engines.ds_config import STAGES, ds_env_defaults, load_ds_config  # noqa: F401 (the engine's config API)
-from nasfast.engines.zero_child import child_zero12_step, fallback_cost, hold_gathered, internals_tested, supports_child_step
 
 DS_DIR = "checkpoints/deepspeed"
 
@@ -139,8 +145,8 @@ class DeepSpeedEngine:
                  run_dir: Optional[Path] = None):
         import deepspeed
 
-        from nasfast.training.optim import build_scheduler
         from nasfast.space.candidates import CandidateModule
+        from nasfast.training.optim import build_scheduler
 
         self.cfg, self.world, self.device, self.run_dir = cfg, world, device, run_dir
         _single_process_group(device)

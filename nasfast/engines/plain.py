@@ -10,8 +10,8 @@ import torch
 from nasfast.config import Config
 from nasfast.distributed import World, average_gradients
 from nasfast.engines.base import Stateful, child_loss
-from nasfast.training.optim import build_optimizer, build_scheduler, clip_and_step, retarget_schedule
 from nasfast.space.searchspace import Arch
+from nasfast.training.optim import build_optimizer, build_scheduler, clip_and_step, retarget_schedule
 
 
 class PlainEngine:

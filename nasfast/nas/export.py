@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from nasfast.errors import UserError
 from nasfast.analysis.runs import Run
+from nasfast.errors import UserError
 from nasfast.space.searchspace import Arch, SearchSpace
 
 
@@ -43,9 +43,8 @@ def prepare_tokenizer(tokenizer, max_len: int):
 
 
 def export_child(run: Run, arch: Arch, out: Path, backend: str = "eager") -> Path:
-    from nasfast.nas.hf_model import save_folder, to_masked_lm
-
     from nasfast.analysis.groundtruth import _file_sha1
+    from nasfast.nas.hf_model import save_folder, to_masked_lm
     from nasfast.training.checkpointer import CHECKPOINT
 
     supernet = run.supernet()

@@ -36,8 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from nasfast.files import atomic_write_text, writing
 from nasfast.errors import UserError
+from nasfast.files import atomic_write_text, writing
 from nasfast.nas.trainer_output import one_line_per_evaluation
 
 TASKS = {"sentiment": "mr_sentiment", "wic": "wic_wordnet"}

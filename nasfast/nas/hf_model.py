@@ -21,7 +21,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 
 try:
     from transformers import PreTrainedConfig
@@ -33,10 +39,10 @@ except ImportError:  # transformers < 5 calls _init_weights only on modules that
     from torch.nn import init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
-from nasfast.kernels.registry import BACKENDS, get_ops
 from nasfast.config import ModelConfig
 from nasfast.errors import UserError
 from nasfast.files import writing
+from nasfast.kernels.registry import BACKENDS, get_ops
 from nasfast.space.candidates import Candidate, CandidateModule
 from nasfast.space.supernet import Embeddings, MLMHead
 

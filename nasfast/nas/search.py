@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from nasfast.files import atomic_write_text
 from nasfast.errors import UserError
+from nasfast.files import atomic_write_text
 from nasfast.space.searchspace import Arch, SearchSpace
 
 STRATEGIES = ("evolution", "random")
@@ -314,8 +314,8 @@ class SupernetScorer:
     def protocol(self) -> dict:
         from nasfast.analysis.groundtruth import _file_sha1
         from nasfast.analysis.runs import dev_description
-        from nasfast.training.checkpointer import CHECKPOINT
         from nasfast.data.blocks import data_fingerprint
+        from nasfast.training.checkpointer import CHECKPOINT
 
         ckpt = self.run.path / CHECKPOINT
         if not ckpt.is_file():

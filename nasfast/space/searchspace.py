@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from nasfast.space.candidates import CANDIDATES, Candidate
 from nasfast.errors import UserError
+from nasfast.space.candidates import CANDIDATES, Candidate
 
 __all__ = ["CANDIDATES", "Candidate", "SearchSpace", "Arch", "hamming"]
 

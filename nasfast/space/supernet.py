@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nasfast import rng
-from nasfast.kernels.registry import get_ops
 from nasfast.config import ModelConfig
+from nasfast.kernels.registry import get_ops
 from nasfast.space.candidates import CandidateModule
 from nasfast.space.searchspace import SearchSpace
 

@@ -17,8 +17,8 @@ from typing import Any, Optional, Protocol
 import torch
 
 from nasfast import rng
-from nasfast.files import atomic_save, writing
 from nasfast.errors import UserError
+from nasfast.files import atomic_save, writing
 
 CHECKPOINT = "checkpoints/last.pt"
 

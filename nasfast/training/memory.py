@@ -29,7 +29,14 @@ import torch
 from nasfast.config import Config
 from nasfast.errors import UserError
 from nasfast.resources import available_memory, gib
-from nasfast.space.candidates import Candidate, FeedForward, GatedFeedForward, Identity, MultiHeadAttention, SeparableConv
+from nasfast.space.candidates import (
+    Candidate,
+    FeedForward,
+    GatedFeedForward,
+    Identity,
+    MultiHeadAttention,
+    SeparableConv,
+)
 from nasfast.space.searchspace import SearchSpace
 from nasfast.space.supernet import child_num_params
 

@@ -21,12 +21,11 @@ from typing import Any, Optional
 
 import yaml
 
-from nasfast.files import atomic_write_text
-from nasfast.training.checkpointer import CHECKPOINT
 from nasfast.config import Config, migrate
-from nasfast.space.checks import load_run_config
 from nasfast.errors import UserError
-from nasfast.files import check_output_dir
+from nasfast.files import atomic_write_text, check_output_dir
+from nasfast.space.checks import load_run_config
+from nasfast.training.checkpointer import CHECKPOINT
 from nasfast.training.metrics import dumps
 
 try:

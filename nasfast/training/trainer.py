@@ -20,25 +20,25 @@ from typing import Optional
 import torch
 
 from nasfast import rng
-from nasfast.space.alignment import AnchorTracker
-from nasfast.training.checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
 from nasfast.config import Config
-from nasfast.space.checks import build_space
 from nasfast.data.blocks import Corpus, build_corpus
+from nasfast.data.loader import StepLoader
 from nasfast.device import resolve_device
-from nasfast.kernels.registry import check_backend
 from nasfast.distributed import barrier, init_from_env, reduce_step_state
 from nasfast.engines import build_engine
 from nasfast.engines.base import Engine
 from nasfast.errors import UserError
-from nasfast.space.evaluation import evaluate_child, representative_children
 from nasfast.faults import kill_point
-from nasfast.data.loader import StepLoader
+from nasfast.kernels.registry import check_backend
+from nasfast.space.alignment import AnchorTracker
+from nasfast.space.checks import build_space
+from nasfast.space.evaluation import evaluate_child, representative_children
+from nasfast.space.samplers import SAMPLERS, build_sampler
+from nasfast.space.supernet import Supernet, child_forward_flops, child_num_params, space_cost_range
+from nasfast.training.checkpointer import CHECKPOINT, Checkpointer, NonFiniteState, RngState
+from nasfast.training.memory import check_step_fits
 from nasfast.training.metrics import MetricsLog, TrainLogger, read_metrics, training_curves
 from nasfast.training.runfolder import RunFolder, check_resume_changes
-from nasfast.space.samplers import SAMPLERS, build_sampler
-from nasfast.training.memory import check_step_fits
-from nasfast.space.supernet import Supernet, child_forward_flops, child_num_params, space_cost_range
 
 __all__ = ["Trainer", "Diverged"]
 
