@@ -120,6 +120,14 @@ def test_finetune_beats_chance_on_sentiment_and_resumes(exported, tmp_path, caps
     capsys.readouterr()
     assert main(argv[:-3] + ["--lr", "1e-3", "--out", str(out), "--no-progress"]) == 2  # other settings, same OUT
     assert "another model, task or settings" in capsys.readouterr().err
+    cached = out / "seeds" / "seed0.json"  # a damaged or hand-edited seed cache: one line naming it, not a traceback
+    for damaged, needle in (("{not json", "is not valid JSON"),
+                            (cached.read_text().replace('"dev_accuracy": ', '"dev_accuracy": "high", "x": '),
+                             'dev_accuracy must be a finite number in [0, 1], got "high"')):
+        cached.write_text(damaged)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and str(cached) in err[0], err
 
 
 def test_a_plain_bert_folder_fine_tunes_with_the_same_command(exported, tmp_path):

@@ -38,6 +38,7 @@ from typing import Optional
 
 from nasfast.errors import UserError
 from nasfast.files import atomic_write_text, writing
+from nasfast.filevalues import boolean, load_cache_entry, number
 from nasfast.nas.trainer_output import one_line_per_evaluation
 
 TASKS = {"sentiment": "mr_sentiment", "wic": "wic_wordnet"}
@@ -315,9 +316,12 @@ def finetune(model_dir: Path, task: Task, settings: FinetuneSettings, out: Path,
     for seed in settings.seeds:
         cached = out / "seeds" / f"seed{seed}.json"
         if cached.is_file():
-            record = json.loads(cached.read_text())
+            record = load_cache_entry(cached)  # a damaged or hand-edited entry: one line with the cure
             if record.get("protocol") != key:
                 raise UserError(f"{out} holds results of another model, task or settings; use another --out")
+            for name in ("dev_accuracy", "test_accuracy"):
+                number(cached, name, record.get(name), 0.0, 1.0)
+            boolean(cached, "beats_majority", record.get("beats_majority"))
             results.append(record)
             continue
         work = out / ".work" / f"seed{seed}"
