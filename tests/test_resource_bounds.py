@@ -188,3 +188,15 @@ def test_pretrain_huge_batch_refused_before_allocation(tmp_path):
     line = assert_one_line(r.stderr, "a training step needs about")
     assert "GiB" in line and "memory available" in line and "lower train.batch_size" in line
     assert not (out / "config.yaml").exists()  # nothing was started that a rerun must clean up
+
+
+def test_interference_child_count_is_bounded_before_any_weights_load(micro_space):
+    """check_request runs before the CLI loads the supernet: an absurd --bases is one line, not hours."""
+    from nasfast.analysis.interference import MAX_CHILDREN, check_request
+    from nasfast.errors import UserError
+
+    assert check_request(micro_space, 0, "ffn:40", None, bases=2, partners_per_distance=3)[1] == 2
+    with pytest.raises(UserError, match=f"more than the limit {MAX_CHILDREN:,}"):
+        check_request(micro_space, 0, "ffn:40", None, bases=10**9)
+    with pytest.raises(UserError, match="must be >= 1"):
+        check_request(micro_space, 0, "ffn:40", None, partners_per_distance=0)

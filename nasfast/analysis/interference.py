@@ -90,8 +90,10 @@ def sample_partner(space: SearchSpace, base: Arch, layer: int, d: int, rng: rand
 MAX_CHILDREN = 100_000
 
 
-def check_request(space: SearchSpace, layer: int, candidate: str, distances: Optional[int]) -> tuple[int, int]:
-    """Validate (layer, candidate, D) against the space; returns (candidate index, D)."""
+def check_request(space: SearchSpace, layer: int, candidate: str, distances: Optional[int], bases: int = 1,
+                  partners_per_distance: int = 1) -> tuple[int, int]:
+    """Validate (layer, candidate, D) against the space and the number of children it asks for, before any
+    weights load; returns (candidate index, D)."""
     L = space.num_layers
     if not 0 <= layer < L:
         raise UserError(f"--layer {layer} is out of range: the space has layers 0..{L - 1}")
@@ -108,6 +110,12 @@ def check_request(space: SearchSpace, layer: int, candidate: str, distances: Opt
         raise UserError(f"--distances must be >= 1, got {D}")
     if D > L - 1:
         raise UserError(f"--distances {D} is larger than the {L - 1} other layers of a {L}-layer space (max {L - 1})")
+    if bases < 1 or partners_per_distance < 1:
+        raise UserError("--bases and --partners-per-distance must be >= 1")
+    children = bases * (1 + D * partners_per_distance)
+    if children > MAX_CHILDREN:  # each child is a forward and backward; the pairs' gradients are kept
+        raise UserError(f"--bases {bases:,} x (1 + --distances {D} x --partners-per-distance {partners_per_distance:,}) = "
+                        f"{children:,} children, more than the limit {MAX_CHILDREN:,} (a typo?)")
     return choice, D
 
 
@@ -116,13 +124,7 @@ def measure(
     distances: Optional[int] = None, bases: int = 4, partners_per_distance: int = 4, seed: int = 0, progress: bool = True,
 ) -> dict:
     """Sample pairs and measure them; returns the report (pairs, per-distance summary, correlations)."""
-    choice, D = check_request(space, layer, candidate, distances)
-    if bases < 1 or partners_per_distance < 1:
-        raise UserError("--bases and --partners-per-distance must be >= 1")
-    children = bases * (1 + D * partners_per_distance)
-    if children > MAX_CHILDREN:  # each child is a forward and backward; the pairs' gradients are kept
-        raise UserError(f"--bases {bases:,} x (1 + --distances {D} x --partners-per-distance {partners_per_distance:,}) = "
-                        f"{children:,} children, more than the limit {MAX_CHILDREN:,} (a typo?)")
+    choice, D = check_request(space, layer, candidate, distances, bases, partners_per_distance)
     rng = random.Random(f"interference:{seed}:{layer}:{candidate}")
     model.eval()
     pairs = []

@@ -75,7 +75,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
     from nasfast.analysis.runs import open_run
 
     run = open_run(args.run)
-    interference.check_request(run.space, args.layer, args.candidate, args.distances)  # before loading weights
+    interference.check_request(run.space, args.layer, args.candidate, args.distances, args.bases,
+                               args.partners_per_distance)  # before loading weights
     if args.batches < 1:
         raise UserError(f"--batches must be >= 1, got {args.batches}")
     safe = args.candidate.replace(":", "")
