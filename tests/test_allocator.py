@@ -45,18 +45,21 @@ def _probe(env_value: str) -> tuple[bool, int, int]:
     return tuned == "True", int(low), int(high)
 
 
+@pytest.mark.slow
 def test_tuned_malloc_serves_large_tensors_from_the_heap():
     tuned, low, high = _probe("1")
     assert tuned
     assert high == 0, f"a 48 MiB tensor still took {high} bytes of fresh mmap"
 
 
+@pytest.mark.slow
 def test_nasfast_malloc_tune_0_leaves_glibc_defaults():
     tuned, low, high = _probe("0")
     assert not tuned
     assert low >= 48 * 2**20  # the default: every 48 MiB tensor is a fresh mmap
 
 
+@pytest.mark.slow
 def test_the_cli_applies_it():
     env = {**os.environ, "NASFAST_MALLOC_TUNE": "1"}
     check = "import nasfast.cli.app as a, nasfast.allocator as m\ntry:\n a.main(['--help'])\nexcept SystemExit: pass\nprint(m._APPLIED)"

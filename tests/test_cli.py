@@ -20,6 +20,7 @@ def nasfast(*args, **kw):
     return subprocess.run([sys.executable, "-m", "nasfast", *args], capture_output=True, text=True, env=ENV, **kw)
 
 
+@pytest.mark.slow
 def test_help():
     res = nasfast("--help")
     assert res.returncode == 0 and "pretrain" in res.stdout and "space" in res.stdout

@@ -133,6 +133,7 @@ def test_impossible_settings(micro_yaml, tmp_path, capsys, override, needle):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_triton_backend_without_gpu_or_interpreter(micro_yaml, tmp_path):
     import torch
 

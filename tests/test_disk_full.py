@@ -132,6 +132,7 @@ def test_full_disk_before_any_checkpoint_says_to_run_the_same_command(disk, micr
 
 
 # --- export (safetensors) ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_on_a_full_disk_keeps_the_earlier_export(disk, micro_run):
     out = disk.path / "child"
     argv = ["export", "--run", micro_run / "run", "--arch", ARCHS[1], "--out", out]
@@ -147,6 +148,7 @@ def test_export_on_a_full_disk_keeps_the_earlier_export(disk, micro_run):
 
 
 # --- prepare-data (tokenizer, token blocks, manifest into a temp folder) ---------------------------------
+@pytest.mark.slow
 def test_prepare_data_on_a_full_disk_leaves_no_half_folder(disk, micro_yaml):
     out = disk.path / "prepared"
     disk.fill(leave=16 * 1024)  # the tokenizer fits, the token blocks do not
@@ -158,6 +160,7 @@ def test_prepare_data_on_a_full_disk_leaves_no_half_folder(disk, micro_yaml):
 
 
 # --- an analysis command's cache and JSON -----------------------------------------------------------------
+@pytest.mark.slow
 def test_ground_truth_on_a_full_disk_keeps_its_cache_and_resumes(disk, micro_run):
     gt = disk.path / "gt"
     argv = ["ground-truth", "--run", micro_run / "run", "--archs", micro_run / "archs.txt", "--steps", "2",
@@ -177,6 +180,7 @@ def test_ground_truth_on_a_full_disk_keeps_its_cache_and_resumes(disk, micro_run
 
 
 # --- a plot (matplotlib) ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plot_on_a_full_disk_leaves_no_torn_png(disk, tmp_path):
     results = [{"arch": f"a{i}", "loss": 5.0 + i / 10, "accuracy": 0.1 - i / 100} for i in range(6)]
     estimates, truth = tmp_path / "estimates.json", tmp_path / "truth.json"
@@ -194,6 +198,7 @@ def test_plot_on_a_full_disk_leaves_no_torn_png(disk, tmp_path):
 
 
 # --- a read-only file system ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_read_only_disk_is_named_before_any_work(disk, micro_run):
     run = disk.path / "run"
     shutil.copytree(micro_run / "run", run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md", ROOT / "experiments" / "README.md",
          *sorted((ROOT / "docs").glob("*.md"))]
@@ -43,6 +45,7 @@ def test_every_config_key_has_one_help_text():
     assert len(keys) >= 50 and not [k for k, _, help in keys if len(help) < 8]
 
 
+@pytest.mark.slow
 def test_pretrain_help_config_prints_the_same_help_texts():
     from runhelpers import cli
 

@@ -59,6 +59,7 @@ def test_exported_masked_lm_computes_what_the_supernet_computes(micro_run, tmp_p
     assert model.num_parameters() == child_num_params(run.space, arch, run.corpus.vocab_size, run.cfg.model.max_len)
 
 
+@pytest.mark.slow
 def test_auto_classes_in_a_fresh_process(micro_run, tmp_path):
     out = tmp_path / "model"
     assert main(["export", "--run", str(micro_run), "--arch", CHILDREN[0], "--out", str(out)]) == 0

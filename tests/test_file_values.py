@@ -76,6 +76,7 @@ def test_deepspeed_json_accepts_what_deepspeed_accepts(tmp_path, micro_config, m
         load_ds_config(str(shipped), cfg, 1)
 
 
+@pytest.mark.slow
 def test_deepspeed_bad_value_real_cli(tmp_path, micro_yaml):
     ds = tmp_path / "ds.json"
     ds.write_text('{"gradient_clipping": "abc", "zero_optimization": {"stage": 2}}')
@@ -111,6 +112,7 @@ def test_jsonl_text_field_that_is_not_text_is_refused(tmp_path, micro_yaml, caps
     assert not (tmp_path / "prep").exists()
 
 
+@pytest.mark.slow
 def test_parquet_numeric_text_column_is_refused_real_cli(tmp_path, micro_yaml):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -159,6 +161,7 @@ def _results(tmp_path: Path, name: str, losses: list, accuracy=0.5, raw: dict | 
     return path
 
 
+@pytest.mark.slow
 def test_rank_leaves_out_a_nan_estimate_with_a_warning_real_cli(tmp_path):
     est = _results(tmp_path, "estimates.json", [1.0, float("nan"), 3.0, 4.0, 5.0])
     truth = _results(tmp_path, "truth.json", [1.1, 2.1, 3.1, 4.1, 5.1])
@@ -247,6 +250,7 @@ def gt_run(tmp_path_factory):
 @pytest.mark.parametrize("change,message", [({"loss": "low"}, 'loss must be a number, got "low"'),
                                             ({"params": "1M"}, 'params must be an integer >= 0, got "1M"'),
                                             ({"diverged": "no"}, 'diverged must be true or false, got "no"')])
+@pytest.mark.slow
 def test_ground_truth_cache_entry_values_are_checked_real_cli(gt_run, tmp_path, change, message):
     out = tmp_path / "gt"
     shutil.copytree(gt_run / "run" / "ground_truth", out)

@@ -118,6 +118,7 @@ def test_the_example_output_folders_are_git_ignored():
     assert sorted(ignored.stdout.split()) == sorted(outs), ignored
 
 
+@pytest.mark.slow
 def test_a_short_run_uses_the_default_warmup_with_one_notice(tmp_path, micro_config):
     """--set train.steps=3 with a longer warm-up trains (a tenth of the run warms up), in pretrain and
     ground-truth alike; it used to be refused."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import nasfast
 
 PACKAGE = Path(nasfast.__file__).parent
@@ -135,6 +137,7 @@ def test_analysis_never_imports_the_training_loop():
         assert not reached, f"{module} imports {sorted(reached)}"
 
 
+@pytest.mark.slow
 def test_importing_an_analysis_command_leaves_the_trainer_unloaded():
     code = ("import sys, nasfast.cli.analysis, nasfast.analysis.groundtruth, nasfast.analysis.interference; "
             "print(sorted(m for m in sys.modules if m in ('nasfast.training.trainer', 'nasfast.engines.plain')))")
@@ -159,6 +162,7 @@ def test_every_subpackage_says_what_it_owns():
         assert len(doc.split()) >= 15, pkg
 
 
+@pytest.mark.slow
 def test_old_module_paths_still_import_for_one_release():
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); import nasfast\n"
             "import nasfast.space.supernet as new\n"
@@ -171,6 +175,7 @@ def test_old_module_paths_still_import_for_one_release():
                                        "True nasfast.kernels.registry"], out.stderr
 
 
+@pytest.mark.slow
 def test_old_names_of_the_space_and_data_modules_still_import():
     code = ("import warnings; warnings.simplefilter('ignore', DeprecationWarning)\n"
             "from nasfast.space import SearchSpace; from nasfast.data import build_corpus\n"
@@ -180,6 +185,7 @@ def test_old_names_of_the_space_and_data_modules_still_import():
     assert out.stdout.split() == ["nasfast.space.searchspace", "nasfast.data.blocks", "nasfast.space.supernet"], out.stderr
 
 
+@pytest.mark.slow
 def test_renamed_classes_still_import_for_one_release():
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
             "from nasfast.space.candidates import AttentionModule, MultiHeadAttention\n"

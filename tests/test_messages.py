@@ -62,6 +62,7 @@ def test_missing_required_flag_and_bad_int_print_the_subcommands_usage(command, 
     assert required or command == "pretrain"  # every command but pretrain (--config or --resume) has one
 
 
+@pytest.mark.slow
 def test_unknown_flag_real_cli():
     res = cli("pretrain", "--out", "x", "--bogus", "--stop-after", "2")
     assert res.returncode == 2 and res.stderr.startswith("usage: nasfast pretrain "), res.stderr
@@ -89,6 +90,7 @@ def test_divergence_without_a_checkpoint_says_start_again_and_that_works(tmp_pat
 
 
 # --- --resume of a folder another process holds ------------------------------------------------------
+@pytest.mark.slow
 def test_resume_of_a_locked_folder_without_checkpoint_names_the_holder(tmp_path):
     from nasfast.training.runfolder import RunFolder
 

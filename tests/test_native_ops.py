@@ -259,6 +259,7 @@ def test_attention_strided_views(native):
     check_op(call(native.attention), call(ref.attention), [qkv])
 
 
+@pytest.mark.slow
 def test_attention_aten_gemm_fallback(native):
     """The GEMM path used where libtorch_cpu exports no BLAS symbols gives the same results."""
     code = (
@@ -376,6 +377,7 @@ def test_convergence_matches_eager(native, one_thread):
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_build_lock_left_by_a_killed_build_does_not_hang(native):
     """torch's JIT build waits forever on a ``lock`` file that a SIGKILLed build left behind; nasfast
     takes an OS lock (released when its holder dies) and clears such a file under it."""

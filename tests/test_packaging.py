@@ -43,6 +43,7 @@ def test_kernels_from_the_repo_root_is_the_installed_distribution():
         assert origin in ("None", ""), origin
 
 
+@pytest.mark.slow
 def test_python_dash_m_nasfast_works_from_the_repo_root():
     out = subprocess.run([sys.executable, "-m", "nasfast", "--help"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert out.returncode == 0 and "pretrain" in out.stdout, out.stderr
@@ -51,6 +52,7 @@ def test_python_dash_m_nasfast_works_from_the_repo_root():
     assert out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.slow
 def test_packaging_maps_kernels_under_nasfast(tmp_path):
     from importlib.metadata import entry_points
 

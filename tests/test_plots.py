@@ -74,6 +74,7 @@ def write_results(path, values: dict) -> None:
     path.write_text(json.dumps({"results": [{"arch": a, "loss": v, "accuracy": 0.1} for a, v in values.items()]}))
 
 
+@pytest.mark.slow
 def test_rank_cli_stores_the_replicate_ceiling_and_writes_the_png(tmp_path):
     archs = [f"mha:2|ffn:{i}" for i in range(8)]
     est, truth, rep = (dict(zip(archs, close_losses(8, s))) for s in (1, 2, 3))

@@ -168,6 +168,7 @@ def micro_yaml_tok(tmp_path, micro_config, wordpiece_dir):
     return path
 
 
+@pytest.mark.slow
 def test_sigkilled_prepare_leaves_nothing_and_a_rerun_completes(tmp_path, micro_yaml_tok):
     out = tmp_path / "prep"
     for point in ("prepare:train-slice", "prepare:before-rename"):  # while writing; with every file written
@@ -182,6 +183,7 @@ def test_sigkilled_prepare_leaves_nothing_and_a_rerun_completes(tmp_path, micro_
     assert read_manifest(out)["hash"] == clean.hash  # the same tokenizer gives the same data, bit for bit
 
 
+@pytest.mark.slow
 def test_cli_prepare_data_errors_and_noop(tmp_path, micro_yaml_tok):
     out = tmp_path / "prep"
     assert cli("prepare-data", "--config", micro_yaml_tok, "--out", out, "--num-proc", "2", "--no-progress").returncode == 0

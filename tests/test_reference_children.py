@@ -81,6 +81,7 @@ def test_random_with_context_keeps_the_draws_that_already_have_context():
             break
 
 
+@pytest.mark.slow
 def test_space_command_prints_labelled_references_and_range(micro_yaml):
     tiny = ["--set", "space.candidates=[mha:2, ffn:512, conv:3, identity]"]
     res = cli("space", "--config", micro_yaml, *tiny)
@@ -92,6 +93,7 @@ def test_space_command_prints_labelled_references_and_range(micro_yaml):
     assert lines[4].startswith("smallest: identity|identity|identity ")
 
 
+@pytest.mark.slow
 def test_context_free_fixed_anchor_warns(micro_yaml):
     res = cli("space", "--config", micro_yaml, "--set", "sampler.name=magic-a", "--set", "data.anchor_blocks=4",
               "--set", "align.anchor_init=ffn:40|identity|ffn:40")

@@ -44,12 +44,14 @@ def bounded_cli(*args, gib: float = 6.0, timeout: float = 120, cores: int | None
     ("space.candidates=[ffn:99999999999]", "99999999999 is more than the limit"),
     ("space.candidates=[ffn:" + "9" * 5000 + "]", "expected ffn:<inner>"),
 ])
+@pytest.mark.slow
 def test_absurd_sizes_refused_in_one_line(override, needle):
     r = bounded_cli("space", "--config", TINY, "--set", override, "--set", "model.max_len=128")
     assert r.returncode == 2, r.stderr
     assert_one_line(r.stderr, needle)
 
 
+@pytest.mark.slow
 def test_space_of_a_huge_count_prints_fast():
     # 20^4096 children: more than the 4300 digits Python's str() prints; the count is still shown
     candidates = ",".join(f"ffn:{i}" for i in range(1, 21))
@@ -59,6 +61,7 @@ def test_space_of_a_huge_count_prints_fast():
     assert "e+5329 children" in r.stdout
 
 
+@pytest.mark.slow
 def test_sample_archs_huge_n_refused(tmp_path):
     r = bounded_cli("sample-archs", "--config", TINY, "--set", "space.layers=12", "--n", "100000000",
                     "--out", tmp_path / "a.txt", gib=3, timeout=60)
@@ -95,6 +98,7 @@ def test_cap_workers_at_cores_says_so_once(capsys, monkeypatch):
     assert resources.cap_workers(1, "--num-proc") == 1 and capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_prepare_data_huge_num_proc_capped(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} of a small corpus with some words in it\n" for i in range(1500)))  # one chunk
@@ -152,6 +156,7 @@ print(json.dumps({"peak": status("VmHWM") - before,
     ["space.layers=3", "space.candidates=[ffn:1024,conv:5]", "data.vocab_size=8000", "train.batch_size=16",
      "model.hidden=256", "data.block_size=64", "model.max_len=64"],
 ])
+@pytest.mark.slow
 def test_step_estimate_within_1_5x_of_measured_peak(overrides):
     r = subprocess.run([sys.executable, "-c", MEASURE, *overrides], capture_output=True, text=True, env=ENV,
                        timeout=180, preexec_fn=limited(4))
@@ -178,6 +183,7 @@ def test_shipped_configs_fit(name, limit_gib):
     assert need.total < limit_gib * GIB, (name, need)
 
 
+@pytest.mark.slow
 def test_pretrain_huge_batch_refused_before_allocation(tmp_path):
     # 100,000 sequences x 128 tokens: the estimate (hundreds of GiB) is refused before the model exists;
     # under a 3 GiB address-space limit an attempt would die (MemoryError / allocator traceback) instead.
