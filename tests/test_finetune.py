@@ -170,10 +170,10 @@ def test_a_model_that_cannot_beat_the_majority_label_is_flagged(exported, tmp_pa
     rows = ["label\tsentence"] + [f"{'yes' if i % 5 < 3 else 'no'}\tthe same sentence" for i in range(50)]
     assert main(["finetune", "--model", str(exported), "--task", str(write(tmp_path / "flat.tsv", rows)), "--steps", "2",
                  "--max-len", "16", "--seeds", "0", "1", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("nasfast: warning:")]
     assert len(err) == 1 and "seeds 0, 1 of 2" in err[0] and "no better than always answering" in err[0], err
     res = json.loads((tmp_path / "ft" / "results.json").read_text())
-    assert res["majority_warning"] == err[0].removeprefix("warning: ")
+    assert res["majority_warning"] == err[0].removeprefix("nasfast: warning: ")
     assert [s["beats_majority"] for s in res["seeds"]] == [False, False]
     const = res["majority_baseline"]["dev_best_constant"]
     assert all(s["dev_accuracy"] <= const["accuracy"] for s in res["seeds"]) and const["accuracy"] >= 0.5

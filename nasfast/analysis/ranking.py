@@ -7,7 +7,6 @@ by arch id. Lower loss is better in both, so a good supernet gives positive τ a
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -162,4 +161,4 @@ def _undefined(x: Sequence[float], y: Sequence[float], metric: str) -> Optional[
 def check_same_dev(result: dict) -> None:
     dev = result["dev"]
     if dev["estimates"] and dev["truth"] and dev["estimates"] != dev["truth"]:
-        print(f"warning: estimates and ground truth used different dev sets ({dev['estimates']} vs {dev['truth']})", file=sys.stderr)
+        warn(f"estimates and ground truth used different dev sets ({dev['estimates']} vs {dev['truth']})")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from nasfast.cli.common import command, quiet_libraries
-from nasfast.errors import UserError
+from nasfast.errors import UserError, warn
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -136,6 +135,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"{task.name}: dev {d['mean']:.4f} ± {d['sd']:.4f}  test {t['mean']:.4f} ± {t['sd']:.4f} "
           f"over {len(res['seeds'])} seeds (majority label: test {m['test']:.4f}) -> {Path(args.out) / 'results.json'}")
     if res["majority_warning"]:
-        print(f"warning: {res['majority_warning']}", file=sys.stderr)
+        warn(res["majority_warning"])
     return 0
 
