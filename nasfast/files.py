@@ -251,3 +251,14 @@ def atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> None:
     comes from ``path``'s suffix, since the temp file has none of its own."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     _atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, **kwargs))
+
+
+def file_sha1(path: str | Path) -> str:
+    """The sha1 of a file's content, read in 1 MiB chunks (checkpoint identities in caches and exports)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

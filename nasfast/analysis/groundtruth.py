@@ -42,14 +42,6 @@ def cache_path(out: Path, arch_id: str) -> Path:
     return out / "cache" / f"{hashlib.sha1(arch_id.encode()).hexdigest()}.json"
 
 
-def _file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def protocol(run: Run, steps: int, dev: list[dict]) -> dict:
     from nasfast.training.optim import warmup_steps
 

@@ -43,7 +43,7 @@ def prepare_tokenizer(tokenizer, max_len: int):
 
 
 def export_child(run: Run, arch: Arch, out: Path, backend: str = "eager") -> Path:
-    from nasfast.analysis.groundtruth import _file_sha1
+    from nasfast.files import file_sha1
     from nasfast.nas.hf_model import save_folder, to_masked_lm
     from nasfast.training.checkpointer import CHECKPOINT
 
@@ -51,6 +51,6 @@ def export_child(run: Run, arch: Arch, out: Path, backend: str = "eager") -> Pat
     static = supernet.extract(arch).cpu().eval()
     # Where the weights came from, findable from another folder or machine: the run's absolute path and
     # the checkpoint's content hash (the same key search's cache uses).
-    source = {"run": str(Path(run.path).resolve()), "checkpoint_sha1": _file_sha1(run.path / CHECKPOINT), "weights": "inherited"}
+    source = {"run": str(Path(run.path).resolve()), "checkpoint_sha1": file_sha1(run.path / CHECKPOINT), "weights": "inherited"}
     model = to_masked_lm(static, run.corpus.tokenizer, backend, nasfast_source=source)
     return save_folder(model, prepare_tokenizer(run.corpus.tokenizer, run.cfg.model.max_len), out)

@@ -312,15 +312,15 @@ class SupernetScorer:
         self._model = None
 
     def protocol(self) -> dict:
-        from nasfast.analysis.groundtruth import _file_sha1
         from nasfast.analysis.runs import dev_description
         from nasfast.data.blocks import data_fingerprint
+        from nasfast.files import file_sha1
         from nasfast.training.checkpointer import CHECKPOINT
 
         ckpt = self.run.path / CHECKPOINT
         if not ckpt.is_file():
             raise UserError(f"run {self.run.path} has no checkpoint at {ckpt}")
-        return {"version": CACHE_VERSION, "checkpoint_sha1": _file_sha1(ckpt),
+        return {"version": CACHE_VERSION, "checkpoint_sha1": file_sha1(ckpt),
                 "data_sha1": data_fingerprint(self.run.path / "data"), "dev": dev_description(self.run, self.dev)}
 
     def __call__(self, archs: list) -> list:
